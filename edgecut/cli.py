@@ -1,0 +1,88 @@
+"""`edgecut` — one command line, one error boundary.
+
+Each verb lives in the component that owns it and is imported only when that verb runs, so
+`edgecut edge …` on a device never imports torch or the cloud code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from edgecut import __version__
+from edgecut.errors import EdgecutError
+
+log = logging.getLogger("edgecut")
+
+# verb -> (module defining add_arguments(parser), one-line help)
+VERBS = {
+    "partition": ("edgecut.partition.cli", "cut a model into a verified bundle"),
+    "inspect": ("edgecut.inspect", "show a bundle's cuts, frontiers and fidelity"),
+    "keys": ("edgecut.keys_cli", "generate service (HPKE) and bundle-signing (Ed25519) keys"),
+    "cloud": ("edgecut.cloud.cli", "run the gRPC tail service"),
+    "edge": ("edgecut.edge.cli", "run the edge agent on a device"),
+    "profile": ("edgecut.edge.profile_cli", "measure per-segment latency on this device"),
+    "plan": ("edgecut.plan_cli", "predict latency per cut and choose one"),
+    "demo": ("edgecut.demo", "split inference of real photos through a local tail service"),
+    "bench": ("edgecut.bench", "sweep split points over bandwidths"),
+    "netem": ("edgecut.netem_cli", "emulate a slow link as a TCP proxy"),
+}
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="edgecut", description=__doc__.splitlines()[0])
+    root.add_argument("--version", action="version", version=f"edgecut {__version__}")
+    root.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    sub = root.add_subparsers(dest="verb", metavar="VERB", required=True)
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for verb, (module, help_text) in VERBS.items():
+        parser = sub.add_parser(verb, help=help_text, description=help_text)
+        if verb == wanted:
+            importlib.import_module(module).add_arguments(parser)
+    return root
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, console=_stderr_console())
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    try:
+        args = build_parser(argv).parse_args(argv)
+        _setup_logging(verbose)
+        return int(args.func(args) or 0)
+    except EdgecutError as exc:
+        if verbose:
+            log.exception("failed")
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        for handler in list(log.handlers):
+            log.removeHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Photos in, model inputs out: decoding, resize + center crop, normalisation per the bundle.
+
+Shared by the partitioner (verification samples), the edge agent (its inputs) and the tail
+service (the JPEG cloud-only baseline), so all three see exactly the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from edgecut.bundle import Preprocess
+from edgecut.errors import EdgecutError, UsageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+SAMPLE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry",
+                 "hubble_deep_field", "camera")
+MAX_PIXELS = 64_000_000  # refuse decompression-bomb images before decoding
+
+
+class ImageError(EdgecutError):
+    """An input image cannot be read or decoded."""
+
+    grpc_status = "INVALID_ARGUMENT"
+
+
+def load_image(source: Path | bytes, label: str | None = None) -> np.ndarray:
+    """Decode an image file or bytes into an RGB (H, W, 3) uint8 array, EXIF rotation applied."""
+    name = label or (str(source) if isinstance(source, Path) else "image")
+    try:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageError(f"{name}: {im.width}x{im.height} pixels is too large")
+            upright = ImageOps.exif_transpose(im) or im
+            return np.asarray(upright.convert("RGB"))
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{name}: not a readable image ({exc.__class__.__name__})") from None
+
+
+def resize_crop(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize the shorter side to fit, then center-crop to (height, width): no distortion."""
+    h, w = size
+    im = Image.fromarray(image)
+    scale = max(h / im.height, w / im.width)
+    new = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
+    im = im.resize(new, Image.Resampling.BILINEAR)
+    left, top = (new[0] - w) // 2, (new[1] - h) // 2
+    return np.asarray(im.crop((left, top, left + w, top + h)))
+
+
+def prepare(image: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """Raw RGB photo → batch-1 model input tensor."""
+    if pre.kind != "image":
+        raise UsageError("this model takes tensors, not images (its bundle has no image preprocessing)")
+    return pre.apply(resize_crop(image, pre.size))
+
+
+def sample_photos() -> list[tuple[str, np.ndarray]]:
+    """Real photos shipped with scikit-image (no download), as (name, RGB uint8) pairs."""
+    try:
+        from skimage import data
+    except ModuleNotFoundError as exc:
+        raise UsageError("sample photos need scikit-image",
+                         hint='pip install "edgecut[partition]"') from exc
+    photos = []
+    for name in SAMPLE_PHOTOS:
+        img = np.asarray(getattr(data, name)())
+        if img.ndim == 2:
+            img = np.stack([img] * 3, axis=-1)
+        photos.append((name, np.ascontiguousarray(img[..., :3]).astype(np.uint8)))
+    return photos
+
+
+def list_images(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise UsageError(f"images directory '{directory}' does not exist")
+    found = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise UsageError(f"images directory '{directory}' has no images ({', '.join(IMAGE_SUFFIXES)})")
+    return found

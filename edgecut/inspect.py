@@ -1,0 +1,74 @@
+"""`edgecut inspect BUNDLE`: what a bundle offers, as a table or as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from edgecut.bundle import Bundle, load_bundle
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--fidelity", action="store_true", help="show codec fidelity per cut")
+    p.add_argument("--key", type=Path, help="Ed25519 public key: also verify the signature")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    key = None
+    if args.key is not None:
+        from edgecut.keys import load_signing_public
+
+        key = load_signing_public(args.key)
+    bundle = load_bundle(args.bundle, public_key=key)
+    if args.json:
+        m = bundle.manifest.to_json()
+        print(json.dumps({k: m[k] for k in ("model", "version", "cuts", "verification",
+                                            "fidelity")} | {"signed": bundle.signed}, indent=1))
+        return 0
+    console = Console()
+    console.print(cuts_table(bundle))
+    if args.fidelity:
+        console.print(fidelity_table(bundle))
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def cuts_table(bundle: Bundle) -> Table:
+    m = bundle.manifest
+    v = m.verification
+    title = (f"{bundle.name} — {len(m.cuts)} cuts, verified max |Δ| "
+             f"{v.get('max_abs_diff', float('nan')):.2g}"
+             + (", signature verified" if bundle.signed else ""))
+    t = Table(title=title)
+    for col in ("cut", "depth", "frontier", "fp32 bytes", "edge segments"):
+        t.add_column(col, justify="right" if col in ("depth", "fp32 bytes") else "left")
+    for c in m.cuts:
+        frontier = ", ".join(f"{s.name} {'x'.join(map(str, s.shape))}" for s in c.frontier)
+        t.add_row(c.id, str(c.depth), frontier, _human(c.bytes_fp32), str(len(m.head(c.id))))
+    return t
+
+
+def fidelity_table(bundle: Bundle) -> Table:
+    rows = bundle.manifest.fidelity
+    t = Table(title="codec fidelity on held-out photos" if rows else
+              "no fidelity report (partition with --calibrate builtin)")
+    for col in ("cut", "codec", "bytes", "top-1 agreement", "max |Δ logit|"):
+        t.add_column(col, justify="left" if col in ("cut", "codec") else "right")
+    for r in rows:
+        t.add_row(str(r["cut"]), str(r["codec"]), _human(float(r["bytes"])),
+                  f"{100 * float(r['agreement']):.1f} %", f"{float(r['max_abs_error']):.3g}")
+    return t

@@ -1,0 +1,114 @@
+"""From a loaded model to a verified bundle directory, written atomically."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgecut.bundle import Bundle, Cut, Manifest, Segment, load_bundle, sha256_file, write_manifest
+from edgecut.errors import UsageError
+from edgecut.images import prepare, sample_photos
+from edgecut.partition.cuts import DEFAULT_MAX_CUTS, select_positions
+from edgecut.partition.graph import Position, analyse
+from edgecut.partition.load import LoadedModel
+from edgecut.partition.segments import build_segment, verify
+
+log = logging.getLogger(__name__)
+EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf's 2 GB ceiling, with margin
+
+
+def sample_inputs(loaded: LoadedModel, count: int = 4, seed: int = 0,
+                  ) -> list[dict[str, np.ndarray]]:
+    """Real photos for image models, seeded random tensors otherwise."""
+    graph_inputs = [i for i in loaded.model.graph.input]
+    if loaded.preprocess.kind == "image" and len(graph_inputs) == 1:
+        name = graph_inputs[0].name
+        return [{name: prepare(img, loaded.preprocess)} for _, img in sample_photos()[:count]]
+    from edgecut.partition.graph import analyse as _analyse
+
+    specs = _analyse(loaded.model).inputs
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(count):
+        feeds = {}
+        for s in specs:
+            if s.dtype.startswith("float"):
+                feeds[s.name] = rng.standard_normal(s.shape).astype(s.dtype)
+            else:
+                feeds[s.name] = rng.integers(0, 2 if s.dtype == "bool" else 10, s.shape).astype(s.dtype)
+        samples.append(feeds)
+    return samples
+
+
+def partition(loaded: LoadedModel, out: Path, *, max_cuts: int = DEFAULT_MAX_CUTS,
+              mode: str = "useful", force: bool = False, signing_key: Any = None,
+              samples: Sequence[Mapping[str, np.ndarray]] | None = None) -> Bundle:
+    """Cut, write segments, verify composition, write the manifest; all or nothing on disk."""
+    if out.exists() and not force:
+        raise UsageError(f"output directory '{out}' exists (use --force to replace it)")
+    t0 = time.perf_counter()
+    analysis = analyse(loaded.model)
+    kept = select_positions(analysis.positions, max_cuts, mode)
+    segments = [build_segment(loaded.model, analysis, a, b, f"seg_{i + 1:03d}")
+                for i, (a, b) in enumerate(itertools.pairwise(kept))]
+    check = verify(loaded.model, segments, samples or sample_inputs(loaded))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        manifest = _write(tmp, loaded, analysis.inputs, analysis.outputs, kept, segments,
+                          check.to_json() | {"seconds": round(time.perf_counter() - t0, 2)})
+        write_manifest(tmp, manifest, signing_key)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.debug("partitioned %s into %d cuts in %.1f s", loaded.name, len(kept),
+             time.perf_counter() - t0)
+    return load_bundle(out)
+
+
+def _cut_ids(n: int) -> list[str]:
+    return ["input", *[f"c{i:02d}" for i in range(1, n - 1)], "output"]
+
+
+def _write(root: Path, loaded: LoadedModel, inputs: Any, outputs: Any, kept: list[Position],
+           segments: list[onnx.ModelProto], verification: dict[str, Any]) -> Manifest:
+    (root / "segments").mkdir()
+    ids = _cut_ids(len(kept))
+    cuts = tuple(Cut(ids[d], d, p.index, p.frontier) for d, p in enumerate(kept))
+    segs = []
+    for i, seg in enumerate(segments):
+        rel = f"segments/{seg.graph.name}.onnx"
+        _save(seg, root / rel)
+        segs.append(Segment(rel, ids[i], ids[i + 1], tuple(t.name for t in kept[i].frontier),
+                            tuple(t.name for t in kept[i + 1].frontier)))
+    labels_file = None
+    if loaded.labels:
+        labels_file = "labels.json"
+        (root / labels_file).write_text(json.dumps(loaded.labels))
+    files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
+             if p.is_file()}
+    return Manifest(model=loaded.name, version=loaded.version, inputs=tuple(inputs),
+                    outputs=tuple(outputs), preprocess=loaded.preprocess, cuts=cuts,
+                    segments=tuple(segs), files=files, labels_file=labels_file,
+                    verification=verification)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    if model.ByteSize() > EXTERNAL_DATA_BYTES:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data")
+    else:
+        onnx.save(model, str(path))

@@ -1,0 +1,73 @@
+"""Which candidate positions become cuts in the bundle.
+
+A position is *useful* when no earlier position sends fewer bytes: an earlier cut with no more
+bytes does less edge work for the same link cost, so the later one only wins when the tail is
+slower than the edge. Useful positions are the prefix minima of frontier bytes along depth.
+Within a run of adjacent positions crossing the same bytes, the last is kept (after the
+activation, whose bounded range quantizes better than the pre-activation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from edgecut.errors import UsageError
+from edgecut.partition.graph import Position
+
+DEFAULT_MAX_CUTS = 16
+MAX_FRONTIER_TENSORS = 8  # more tensors than this per cut is a sign of a pathological order
+
+
+def select_positions(positions: Sequence[Position], max_cuts: int = DEFAULT_MAX_CUTS,
+                     mode: str = "useful") -> list[Position]:
+    """Kept positions, in order, including the input (index -1) and the last node (output).
+
+    `max_cuts` counts every cut, input and output included. `mode="all"` keeps every position
+    (for tests and exhaustive sweeps) up to `max_cuts`.
+    """
+    if max_cuts < 2:
+        raise UsageError(f"--max-cuts must be at least 2 (input and output), got {max_cuts}")
+    first, last, inner = positions[0], positions[-1], list(positions[1:-1])
+    if mode == "all":
+        chosen = inner
+    elif mode == "useful":
+        chosen = _drop_runs(_prefix_minima(inner, first.bytes_fp32))
+    else:
+        raise UsageError(f"unknown cut selection '{mode}' (use 'useful' or 'all')")
+    chosen = [p for p in chosen if 0 < len(p.frontier) <= MAX_FRONTIER_TENSORS]
+    return [first, *_thin(chosen, max_cuts - 2), last]
+
+
+def _prefix_minima(inner: Sequence[Position], input_bytes: int) -> list[Position]:
+    best = input_bytes
+    kept = []
+    for p in inner:
+        if p.bytes_fp32 <= best:
+            kept.append(p)
+            best = p.bytes_fp32
+    return kept
+
+
+def _drop_runs(kept: list[Position]) -> list[Position]:
+    out: list[Position] = []
+    for p in kept:
+        if out and out[-1].index == p.index - 1 and out[-1].bytes_fp32 == p.bytes_fp32:
+            out[-1] = p
+        else:
+            out.append(p)
+    return out
+
+
+def _thin(chosen: list[Position], budget: int) -> list[Position]:
+    """Keep `budget` positions spread evenly over depth, always including the smallest."""
+    if len(chosen) <= budget:
+        return chosen
+    if budget <= 0:
+        return []
+    smallest = min(chosen, key=lambda p: (p.bytes_fp32, -p.index))
+    step = len(chosen) / budget
+    picked = {chosen[min(len(chosen) - 1, int((i + 1) * step) - 1)].index for i in range(budget)}
+    if smallest.index not in picked:
+        picked.discard(min(picked, key=lambda i: abs(i - smallest.index)))
+        picked.add(smallest.index)
+    return [p for p in chosen if p.index in picked][:budget]
