@@ -1,0 +1,385 @@
+"""Where to cut: predicted time per (cut, codec) option, constraints, and online re-planning.
+
+Pure math over numbers someone else measured: the caller turns a bundle manifest and the edge and
+cloud profiles into `CutCost` rows, and a `LinkEstimator` turns real transfers into a
+`LinkEstimate`. The edge agent imports this module, so it must stay free of torch and onnx.
+
+Two objectives. "latency" is the time of one request end to end: every stage adds up.
+"throughput" is the steady-state period of a pipelined stream: the edge, the link and the cloud
+work on different frames at once, so the slowest of the three stages sets the pace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from edgecut.errors import EdgecutError, UsageError
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("latency", "throughput")
+STAGES = ("edge", "encode", "up", "rtt", "queue", "decode", "cloud", "down")  # pipeline order
+
+
+class PlanError(EdgecutError):
+    """No (cut, codec) option satisfies the constraints, or there are no options at all."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
+@dataclass(frozen=True)
+class CutCost:
+    """Everything the planner needs about one (cut, codec) option."""
+
+    cut: str  # cut id, e.g. "input", "c03", "output"
+    depth: int  # index in manifest order: 0 = input (cloud-only), N = output (edge-only)
+    codec: str  # codec name, e.g. "jpeg", "int8+zstd", "none" for the edge-only cut
+    edge_ms: float  # sum of edge segment latencies seg_1..seg_k
+    encode_ms: float  # on the edge: quantize, compress, seal the frame
+    decode_ms: float  # on the tail: open, decompress, dequantize the frame
+    bytes_up: int  # request frame bytes after codec and seal; 0 means edge-only
+    bytes_down: int  # answer frame bytes
+    cloud_ms: float  # sum of tail segment latencies seg_k+1..seg_N (0 for "output")
+    edge_mem_bytes: int = 0  # peak memory of the edge part
+    accuracy_drop: float = 0.0  # 1 - top-1 agreement with the unsplit model, 0..1
+
+    @property
+    def edge_only(self) -> bool:
+        """Nothing goes on the wire: the edge runs the whole model."""
+        return self.bytes_up == 0
+
+
+@dataclass(frozen=True)
+class LinkEstimate:
+    """What the network and the tail service look like right now."""
+
+    up_bps: float  # edge → cloud bandwidth, bit/s
+    down_bps: float  # cloud → edge bandwidth, bit/s
+    rtt_ms: float  # round-trip time of an empty message
+    queue_ms: float = 0.0  # time a request waits in the tail service's queue
+
+    def __post_init__(self) -> None:
+        if not (self.up_bps > 0 and self.down_bps > 0):
+            raise UsageError(
+                f"bandwidth must be positive, got up={self.up_bps} down={self.down_bps}"
+            )
+        if not (self.rtt_ms >= 0 and self.queue_ms >= 0):
+            raise UsageError(f"rtt and queue must be >= 0 ms, got {self.rtt_ms}, {self.queue_ms}")
+
+    def __str__(self) -> str:
+        """One line for logs and tables."""
+        return (
+            f"up {self.up_bps / 1e6:.2f} Mbit/s, down {self.down_bps / 1e6:.2f} Mbit/s, "
+            f"rtt {self.rtt_ms:.1f} ms, queue {self.queue_ms:.1f} ms"
+        )
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Limits an option must respect to be chosen at all; None means unlimited."""
+
+    min_depth: int = 0  # options shallower than this are refused (raw input stays on the device)
+    max_edge_mem_bytes: int | None = None  # edge peak memory budget
+    max_accuracy_drop: float | None = None  # accuracy budget, 0..1 (0.005 = half a point)
+
+    def violations(self, cost: CutCost) -> list[str]:
+        """Why `cost` is not allowed, one phrase per broken constraint (empty if allowed)."""
+        found = []
+        if cost.depth < self.min_depth:
+            found.append(f"min_depth: depth {cost.depth} < {self.min_depth}")
+        if self.max_edge_mem_bytes is not None and cost.edge_mem_bytes > self.max_edge_mem_bytes:
+            found.append(
+                f"max_edge_mem_bytes: {cost.edge_mem_bytes} B > {self.max_edge_mem_bytes} B"
+            )
+        if self.max_accuracy_drop is not None and cost.accuracy_drop > self.max_accuracy_drop:
+            found.append(
+                f"max_accuracy_drop: {cost.accuracy_drop:.2%} > {self.max_accuracy_drop:.2%}"
+            )
+        return found
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One option as the planner saw it."""
+
+    cost: CutCost
+    predicted_ms: float  # objective value: request latency, or stream period per frame
+    stages_ms: Mapping[str, float]  # read-only breakdown, keys are STAGES
+    allowed: bool
+    reason: str  # why not allowed ("" when allowed)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every option with its prediction, and the one chosen."""
+
+    rows: tuple[PlanRow, ...]  # in the order the costs were given
+    chosen: PlanRow
+    objective: str
+    link: LinkEstimate
+
+    def row(self, cut: str, codec: str) -> PlanRow | None:
+        """The row for option (cut, codec), if it was planned."""
+        return next((r for r in self.rows if (r.cost.cut, r.cost.codec) == (cut, codec)), None)
+
+
+def stages_ms(cost: CutCost, link: LinkEstimate) -> dict[str, float]:
+    """Time of each stage of one request, in ms. An edge-only option has no network stage."""
+    if cost.edge_only:
+        return dict.fromkeys(STAGES, 0.0) | {"edge": cost.edge_ms}
+    return {
+        "edge": cost.edge_ms,
+        "encode": cost.encode_ms,
+        "up": cost.bytes_up * 8 / link.up_bps * 1000,
+        "rtt": link.rtt_ms,
+        "queue": link.queue_ms,
+        "decode": cost.decode_ms,
+        "cloud": cost.cloud_ms,
+        "down": cost.bytes_down * 8 / link.down_bps * 1000,
+    }
+
+
+def predict_ms(cost: CutCost, link: LinkEstimate, objective: str = "latency") -> float:
+    """Predicted request latency, or stream period per frame for "throughput", in ms."""
+    return _objective_ms(stages_ms(cost, link), _check_objective(objective))
+
+
+def plan(
+    costs: Sequence[CutCost],
+    link: LinkEstimate,
+    constraints: Constraints | None = None,
+    objective: str = "latency",
+) -> Plan:
+    """Predict every option and choose the fastest allowed one.
+
+    Ties go to fewer bytes up (less exposure, less load on a shared link), then to the shallower
+    cut. Raises PlanError when there are no options, or none is allowed; the message names the
+    constraint that excluded them.
+    """
+    constraints = constraints or Constraints()
+    _check_objective(objective)
+    rows = tuple(_row(cost, link, constraints, objective) for cost in costs)
+    allowed = [r for r in rows if r.allowed]
+    if not allowed:
+        raise _nothing_allowed(rows, constraints)
+    chosen = min(allowed, key=lambda r: (r.predicted_ms, r.cost.bytes_up, r.cost.depth))
+    return Plan(rows=rows, chosen=chosen, objective=objective, link=link)
+
+
+def _row(cost: CutCost, link: LinkEstimate, constraints: Constraints, objective: str) -> PlanRow:
+    stages = stages_ms(cost, link)
+    broken = constraints.violations(cost)
+    return PlanRow(
+        cost=cost,
+        predicted_ms=_objective_ms(stages, objective),
+        stages_ms=MappingProxyType(stages),
+        allowed=not broken,
+        reason="; ".join(broken),
+    )
+
+
+def _objective_ms(stages: Mapping[str, float], objective: str) -> float:
+    if objective == "latency":
+        return sum(stages.values())
+    # RTT is latency, not occupancy: with frames in flight it does not limit the pace.
+    return max(
+        stages["edge"] + stages["encode"],
+        stages["up"] + stages["down"],
+        stages["queue"] + stages["decode"] + stages["cloud"],
+    )
+
+
+def _check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise UsageError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    return objective
+
+
+def _nothing_allowed(rows: Sequence[PlanRow], constraints: Constraints) -> PlanError:
+    if not rows:
+        return PlanError("no cut options to plan over (empty cost table)")
+    excluded: dict[str, int] = {}
+    for row in rows:
+        for phrase in constraints.violations(row.cost):
+            name = phrase.split(":", 1)[0]
+            excluded[name] = excluded.get(name, 0) + 1
+    detail = ", ".join(f"{name} excludes {n}" for name, n in excluded.items())
+    return PlanError(
+        f"no cut satisfies the constraints ({detail} of {len(rows)} options)",
+        hint="relax " + " or ".join(excluded),
+    )
+
+
+class Replanner:
+    """Online adaptation with hysteresis: holds the current choice and switches only when the best
+    alternative is faster by more than `margin` (relative) AND `min_gain_ms` (absolute).
+
+    Both thresholds are needed: the relative one ignores estimator noise on slow paths, the
+    absolute one stops flapping between options a fraction of a millisecond apart. Every switch
+    is logged at INFO with old and new option, predicted times and the link estimate.
+    """
+
+    def __init__(
+        self,
+        costs: Sequence[CutCost],
+        constraints: Constraints | None = None,
+        objective: str = "latency",
+        margin: float = 0.10,
+        min_gain_ms: float = 1.0,
+    ) -> None:
+        if not (margin >= 0 and min_gain_ms >= 0):
+            raise UsageError(
+                f"hysteresis must be >= 0, got margin={margin} min_gain_ms={min_gain_ms}"
+            )
+        self._costs = tuple(costs)
+        self._constraints = constraints or Constraints()
+        self._objective = _check_objective(objective)
+        self._margin = margin
+        self._min_gain_ms = min_gain_ms
+        self._current: PlanRow | None = None
+        self.last_plan: Plan | None = None  # the most recent full table, for status pages
+
+    @property
+    def current(self) -> PlanRow | None:
+        """The option in use, as predicted at the last update; None before the first update."""
+        return self._current
+
+    def update(self, link: LinkEstimate) -> tuple[PlanRow, bool]:
+        """Re-plan for `link`; returns the option to use and whether it changed.
+
+        The first call makes the initial choice and reports no switch. If the held option is no
+        longer allowed (new costs), the best one replaces it regardless of hysteresis.
+        """
+        new_plan = plan(self._costs, link, self._constraints, self._objective)
+        self.last_plan = new_plan
+        best, held = new_plan.chosen, self._held(new_plan)
+        old, self._current = self._current, best
+        if old is None:
+            log.info("initial cut %s: %.1f ms predicted; %s", _name(best), best.predicted_ms, link)
+            return best, False
+        if held is None:
+            why = "held option no longer allowed"
+        elif self._worth_switching(held, best):
+            why = f"{held.predicted_ms:.1f} ms predicted for the held option"
+        else:
+            self._current = held
+            return held, False
+        log.info(
+            "cut switch %s -> %s: %s, %.1f ms for the new one (%s); %s",
+            _name(old),
+            _name(best),
+            why,
+            best.predicted_ms,
+            self._objective,
+            link,
+        )
+        return best, True
+
+    def update_costs(self, costs: Sequence[CutCost]) -> None:
+        """Replace the cost table (e.g. a new server profile); takes effect at the next update."""
+        self._costs = tuple(costs)
+
+    def _held(self, new_plan: Plan) -> PlanRow | None:
+        if self._current is None:
+            return None
+        row = new_plan.row(self._current.cost.cut, self._current.cost.codec)
+        return row if row is not None and row.allowed else None
+
+    def _worth_switching(self, held: PlanRow, best: PlanRow) -> bool:
+        gain_ms = held.predicted_ms - best.predicted_ms
+        return gain_ms > self._margin * held.predicted_ms and gain_ms > self._min_gain_ms
+
+
+def _name(row: PlanRow) -> str:
+    return f"{row.cost.cut}/{row.cost.codec}"
+
+
+class Ewma:
+    """Exponentially weighted moving average; the first sample is taken as is."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        if not 0 < alpha <= 1:
+            raise UsageError(f"EWMA alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha  # weight of the newest sample
+        self.value: float | None = None  # None until the first sample
+
+    def add(self, value: float) -> float:
+        """Fold in one sample and return the new average."""
+        if self.value is None:
+            self.value = value
+        else:
+            self.value += self.alpha * (value - self.value)
+        return self.value
+
+
+DEFAULT_PRIOR = LinkEstimate(up_bps=10e6, down_bps=10e6, rtt_ms=50.0)
+
+
+class LinkEstimator:
+    """Up/down bandwidth, RTT and server queue delay, estimated from real traffic.
+
+    Model of one request's wire time: `wire_ms ≈ rtt + bits_up/up_bps + bits_down/down_bps`.
+    One sample cannot separate three unknowns, so RTT comes from small messages (`observe_rtt`:
+    Probe replies), the direction that carried fewer bytes is charged at its current estimate,
+    and the rest of the time is attributed to the bigger direction (the request frame, in split
+    inference). Bandwidth is the ratio of EWMAs of bits and of milliseconds, not an EWMA of
+    per-sample rates: timing noise is additive, and a small transfer with a few ms of jitter
+    would otherwise swing the estimate wildly. A sample whose transfer time comes out zero or
+    negative (RTT estimate too high, clock trouble) carries no bandwidth information and is
+    ignored. Until something is observed, `prior` fills in.
+    """
+
+    def __init__(self, prior: LinkEstimate = DEFAULT_PRIOR, alpha: float = 0.3) -> None:
+        self.prior = prior  # used for every quantity not yet observed
+        self._rtt_ms, self._queue_ms = Ewma(alpha), Ewma(alpha)
+        self._up_bits, self._up_ms = Ewma(alpha), Ewma(alpha)
+        self._down_bits, self._down_ms = Ewma(alpha), Ewma(alpha)
+
+    def observe_transfer(self, bytes_up: int, bytes_down: int, wire_ms: float) -> None:
+        """One finished request: bytes each way and wire time (total minus edge and server time)."""
+        now = self.estimate()
+        transfer_ms = wire_ms - now.rtt_ms
+        if bytes_up >= bytes_down:
+            down_ms = bytes_down * 8 / now.down_bps * 1000
+            _fold(self._up_bits, self._up_ms, bytes_up * 8, transfer_ms - down_ms)
+        else:
+            up_ms = bytes_up * 8 / now.up_bps * 1000
+            _fold(self._down_bits, self._down_ms, bytes_down * 8, transfer_ms - up_ms)
+
+    def observe_rtt(self, rtt_ms: float) -> None:
+        """Round trip of a message small enough that its transfer time is negligible."""
+        if rtt_ms >= 0:
+            self._rtt_ms.add(rtt_ms)
+
+    def observe_queue(self, queue_ms: float) -> None:
+        """Queue delay the tail service reported with an answer or in ServerInfo."""
+        if queue_ms >= 0:
+            self._queue_ms.add(queue_ms)
+
+    def estimate(self) -> LinkEstimate:
+        """Current estimate; the prior stands in for anything not yet observed."""
+        return LinkEstimate(
+            up_bps=_rate_bps(self._up_bits, self._up_ms, self.prior.up_bps),
+            down_bps=_rate_bps(self._down_bits, self._down_ms, self.prior.down_bps),
+            rtt_ms=_or(self._rtt_ms.value, self.prior.rtt_ms),
+            queue_ms=_or(self._queue_ms.value, self.prior.queue_ms),
+        )
+
+
+def _fold(bits: Ewma, ms: Ewma, n_bits: int, transfer_ms: float) -> None:
+    if n_bits > 0 and transfer_ms > 0:
+        bits.add(n_bits)
+        ms.add(transfer_ms)
+
+
+def _rate_bps(bits: Ewma, ms: Ewma, prior_bps: float) -> float:
+    if bits.value is None or ms.value is None:
+        return prior_bps
+    return bits.value / ms.value * 1000
+
+
+def _or(value: float | None, prior: float) -> float:
+    return prior if value is None else value
