@@ -106,6 +106,7 @@ class Manifest:
     verification: Mapping[str, Any] = field(default_factory=dict)
     calibration: Mapping[str, Any] = field(default_factory=dict)  # cut id -> codec calibration
     fidelity: tuple[Mapping[str, Any], ...] = ()  # rows: cut, codec, bytes, agreement, max error
+    batchable: bool = False  # segments accept any batch size on axis 0 (verified at partition time)
     format_version: int = FORMAT_VERSION
 
     def cut(self, cut_id: str) -> Cut:
@@ -178,6 +179,7 @@ def _manifest_from_json(d: Mapping[str, Any]) -> Manifest:
         verification=dict(d.get("verification", {})),
         calibration=dict(d.get("calibration", {})),
         fidelity=tuple(d.get("fidelity", ())),
+        batchable=bool(d.get("batchable", False)),
         format_version=version,
     )
 

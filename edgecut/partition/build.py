@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -18,6 +19,7 @@ import onnx
 from edgecut.bundle import Bundle, Cut, Manifest, Segment, load_bundle, sha256_file, write_manifest
 from edgecut.errors import UsageError
 from edgecut.images import prepare, sample_photos
+from edgecut.partition.batching import batched_if_safe
 from edgecut.partition.cuts import DEFAULT_MAX_CUTS, select_positions
 from edgecut.partition.graph import Position, analyse
 from edgecut.partition.load import LoadedModel
@@ -61,12 +63,16 @@ def partition(loaded: LoadedModel, out: Path, *, max_cuts: int = DEFAULT_MAX_CUT
     kept = select_positions(analysis.positions, max_cuts, mode)
     segments = [build_segment(loaded.model, analysis, a, b, f"seg_{i + 1:03d}")
                 for i, (a, b) in enumerate(itertools.pairwise(kept))]
-    check = verify(loaded.model, segments, samples or sample_inputs(loaded))
+    samples = samples or sample_inputs(loaded)
+    check = verify(loaded.model, segments, samples)
+    segments, batchable = batched_if_safe(segments, samples)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        verification = check.to_json() | {"seconds": round(time.perf_counter() - t0, 2)}
         manifest = _write(tmp, loaded, analysis.inputs, analysis.outputs, kept, segments,
-                          check.to_json() | {"seconds": round(time.perf_counter() - t0, 2)})
+                          verification)
+        manifest = dataclasses.replace(manifest, batchable=batchable)
         write_manifest(tmp, manifest, signing_key)
         if out.exists():
             shutil.rmtree(out)

@@ -81,7 +81,7 @@ def _static(model: onnx.ModelProto, input_shape: tuple[int, ...] | None, label: 
     graph.input.extend(real)
     if model.ir_version < 4:
         model.ir_version = 4
-    for vi in real:
+    for vi in graph.input:
         _fix_dims(vi, input_shape, label, len(real))
     for _ in range(2):
         model = _infer(model, label)

@@ -74,7 +74,7 @@ class Verification:
 def verify(model: onnx.ModelProto, segments: Sequence[onnx.ModelProto],
            samples: Sequence[Mapping[str, np.ndarray]]) -> Verification:
     """Run the unsplit model and the chained segments under ORT on the same inputs."""
-    full = make_session(model.SerializeToString())
+    full = make_session(model.SerializeToString(), label="the unsplit model")
     chain = SegmentChain([make_session(s.SerializeToString()) for s in segments],
                          [s.graph.name for s in segments])
     names = [o.name for o in full.get_outputs()]
