@@ -1,0 +1,573 @@
+"""The activation codec: frontier tensors ↔ bytes, by quantizing and then compressing.
+
+Sealing happens later (sealed bytes do not compress). Ranges for the affine quantizers are
+calibrated per cut at partition time (`Calibration`); values outside them are clipped, which is the
+point: a few outliers must not stretch the scale for everything else. A frame carries everything
+needed to decode it, and the decoder checks it against the cut's expected tensors (`TensorSpec`s):
+the batch axis 0 may be any N ≥ 1, every other dim and the dtype must match.
+
+Wire format, version 1 (all integers little-endian, no padding):
+
+    frame  = fixed tensor{count} body
+    fixed  = "ECF1" | u8 version | u8 scheme | u8 granularity | u8 flags | u32 dict_id | u16 count
+    tensor = u8 name_len | name (UTF-8) | u8 dtype | u8 rank | u32 dim{rank}
+             | f32 scale{P} | f32 offset{P} | u32 nbytes
+    body   = the tensors' encoded bytes, in header order, each exactly `nbytes` long; when flags
+             bit 0 is set, one zstd frame (content size recorded) of that concatenation.
+
+    scheme       0 none, 1 fp16, 2 int8, 3 int4, 4 jpeg, 5 int6      granularity  0 tensor, 1 channel
+    dtype        0 float32, 1 float16, 2 int64, 3 int32, 4 int8, 5 uint8, 6 bool
+    dict_id      id of the zstd dictionary the body was compressed with, 0 for none
+
+Float tensors use the frame's scheme, others always travel raw (`none`). For the affine schemes,
+element x is sent as code q = round((x - offset) / scale), clipped to 0..L, and decoded as
+offset + scale·q: int8 L = 255, int6 L = 63 (one byte a code), int4 L = 15 (two codes a byte, even
+element in the low nibble, an odd count padded with a zero nibble). int6 exists for zstd: zstd
+codes these bytes at their entropy, so fewer levels means fewer bytes without bit packing.
+P = dim[1] per-channel (granularity channel, rank ≥ 2), else P = 1; P = 0 for none/fp16/jpeg.
+`jpeg` frames carry one image tensor, see `edgecut.jpeg`.
+
+The header is validated in full before anything is allocated or decompressed: every length must add
+up to the frame size, and what the frame decodes to must fit in `max_bytes`.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from edgecut import jpeg
+from edgecut.bundle import TensorSpec
+from edgecut.errors import CodecError, FrameTooLargeError, UsageError
+
+MAGIC = b"ECF1"
+VERSION = 1
+SCHEMES = ("none", "fp16", "int8", "int4", "jpeg", "int6")  # wire code = index
+GRANULARITIES = ("tensor", "channel")
+WIRE_DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
+DEFAULT_MAX_BYTES = 64 << 20
+MAX_TENSORS = 1024
+MAX_RANK = 8
+_LEVELS = {"int8": 255, "int6": 63, "int4": 15}  # highest code of each affine quantizer
+_ZSTD = 1  # flags bit
+_FIXED = struct.Struct("<4sBBBBIH")
+_NAME_LEN = struct.Struct("<B")
+_DTYPE_RANK = struct.Struct("<BB")
+_U32 = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """How a cut's frontier is encoded. Text form: `int8-channel-z3`, `fp16`, `jpeg90`, …"""
+
+    scheme: str = "int8"  # "none" | "fp16" | "int8" | "int6" | "int4" | "jpeg"
+    granularity: str = "channel"  # "tensor" | "channel": one affine range per tensor or per axis 1
+    zstd_level: int = 3  # 1..22, 0 disables zstd; jpeg frames are never zstd-compressed
+    jpeg_quality: int = 90  # 1..95, scheme "jpeg" only
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise UsageError(f"codec scheme {self.scheme!r}: expected one of {', '.join(SCHEMES)}")
+        if self.granularity not in GRANULARITIES:
+            raise UsageError(f"codec granularity {self.granularity!r}: expected tensor or channel")
+        if not 0 <= self.zstd_level <= 22:
+            raise UsageError(f"zstd level {self.zstd_level}: expected 0 (off) to 22")
+        if not 1 <= self.jpeg_quality <= 95:
+            raise UsageError(f"jpeg quality {self.jpeg_quality}: expected 1 to 95")
+
+    @classmethod
+    def parse(cls, text: str) -> CodecSpec:
+        """Read `<scheme>[-tensor|-channel][-z<level>]`, or `jpeg<quality>`."""
+        head, *rest = text.strip().lower().split("-")
+        fields: dict[str, Any] = {"scheme": head}
+        if head.startswith("jpeg") and head[4:].isdigit():
+            fields.update(scheme="jpeg", jpeg_quality=int(head[4:]))
+        try:
+            for token in rest:
+                key = "zstd_level" if token[:1] == "z" and token[1:].isdigit() else "granularity"
+                if key in fields:
+                    raise UsageError(f"{key} given twice")
+                fields[key] = int(token[1:]) if key == "zstd_level" else token
+            return cls(**fields)
+        except UsageError as error:
+            raise UsageError(
+                f"codec {text!r}: {error}",
+                hint="accepted: none, fp16, int8, int6, int4, each with optional -tensor/-channel and "
+                "-z<level> (0 = no zstd), e.g. int8-channel-z3, int4-tensor, fp16-z0; or jpeg90",
+            ) from None
+
+    def __str__(self) -> str:
+        """The canonical text form, which `parse` reads back."""
+        if self.scheme == "jpeg":
+            return f"jpeg{self.jpeg_quality}"
+        granularity = f"-{self.granularity}" if self.scheme in _LEVELS else ""
+        return f"{self.scheme}{granularity}-z{self.zstd_level}"
+
+
+@dataclass(frozen=True, eq=False)
+class Calibration:
+    """Quantization ranges per tensor, computed offline and stored in the bundle manifest.
+
+    `ranges[name] = (lo, hi)`: float32 arrays of shape (), or (C,) for a range per channel (axis 1).
+    """
+
+    ranges: Mapping[str, tuple[np.ndarray, np.ndarray]]
+
+    def __post_init__(self) -> None:
+        checked = {}
+        for name, (lo, hi) in self.ranges.items():
+            lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+            if lo.shape != hi.shape or lo.ndim > 1 or not np.all(np.isfinite(lo) & (lo <= hi)):
+                raise CodecError(f"calibration of {name!r}: need finite lo <= hi of shape () or (C,)")
+            checked[name] = (lo, hi)
+        object.__setattr__(self, "ranges", checked)
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: {"lo": lo.tolist(), "hi": hi.tolist()} for name, (lo, hi) in self.ranges.items()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Calibration:
+        try:
+            return cls({name: (entry["lo"], entry["hi"]) for name, entry in data.items()})
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise CodecError(f"calibration: malformed entry ({error!r})") from None
+
+    @classmethod
+    def from_samples(
+        cls, samples: Sequence[Mapping[str, np.ndarray]], percentile: float = 99.99
+    ) -> Calibration:
+        """Ranges from sample activations: per channel (axis 1) for rank ≥ 2, else per tensor.
+
+        The range is the [100 - percentile, percentile] percentile band, so rare outliers are
+        clipped rather than coarsening every other value; percentile=100 gives plain min/max.
+        """
+        if not samples or not 50 < percentile <= 100:
+            raise UsageError("calibration needs at least one sample and 50 < percentile <= 100")
+        ranges = {}
+        for name, first in samples[0].items():
+            if np.asarray(first).dtype.kind != "f":
+                continue
+            try:
+                x = np.concatenate([np.asarray(s[name], np.float32) for s in samples])
+            except (KeyError, ValueError) as error:
+                raise CodecError(f"calibration samples of {name!r} disagree: {error}") from None
+            rows = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1) if x.ndim >= 2 else x.reshape(-1)
+            lo, hi = np.percentile(rows, [100 - percentile, percentile], axis=-1)
+            ranges[name] = (lo, hi)
+        return cls(ranges)
+
+
+@dataclass(frozen=True, eq=False)
+class TensorHeader:
+    """One tensor as a frame's header describes it."""
+
+    name: str
+    dtype: str  # numpy dtype name, one of WIRE_DTYPES
+    shape: tuple[int, ...]  # including the batch axis
+    scale: np.ndarray  # float32 (P,), see the module docstring
+    offset: np.ndarray  # float32 (P,)
+    nbytes: int  # encoded length inside the (uncompressed) body
+
+
+@dataclass(frozen=True, eq=False)
+class FrameHeader:
+    """A parsed and validated frame header: cheap to get, for logging and metrics."""
+
+    scheme: str
+    granularity: str
+    zstd: bool
+    dict_id: int  # 0 when no dictionary
+    tensors: tuple[TensorHeader, ...]
+    header_bytes: int  # where the body starts
+    body_bytes: int  # on the wire (compressed if zstd)
+
+    @property
+    def decoded_bytes(self) -> int:
+        return sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in self.tensors)
+
+
+def encode(
+    tensors: Mapping[str, np.ndarray],
+    specs: Sequence[TensorSpec],
+    codec: CodecSpec,
+    calibration: Calibration | None = None,
+    *,
+    dictionary: zstandard.ZstdCompressionDict | None = None,
+    image_norm: jpeg.ImageNorm | None = None,
+) -> bytes:
+    """Encode the frontier `tensors` (exactly those `specs` name) into one frame."""
+    arrays = _match_specs(tensors, specs)
+    if codec.scheme == "jpeg":
+        return _encode_jpeg(specs, arrays, codec, image_norm)
+    heads, parts = [], []
+    ranges = calibration.ranges if calibration else {}
+    for spec, x in zip(specs, arrays, strict=True):
+        scheme = _scheme_of(codec.scheme, spec.dtype)
+        scale, offset = _affine(x, ranges.get(spec.name), codec.granularity, _LEVELS.get(scheme))
+        data = _encode_tensor(x, scheme, scale, offset)
+        heads.append(TensorHeader(spec.name, spec.dtype, x.shape, scale, offset, data.nbytes))
+        parts.append(data.data)  # a buffer view, no copy
+    body = b"".join(parts)
+    dict_id = 0
+    if codec.zstd_level:
+        body = _zstd_context("compress", codec.zstd_level, dictionary).compress(body)
+        dict_id = dictionary.dict_id() if dictionary else 0
+    fixed = (codec.scheme, codec.granularity, bool(codec.zstd_level), dict_id)
+    return _pack_header(*fixed, heads) + body
+
+
+def decode(
+    payload: bytes,
+    specs: Sequence[TensorSpec],
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    dictionary: zstandard.ZstdCompressionDict | None = None,
+    image_norm: jpeg.ImageNorm | None = None,
+) -> dict[str, np.ndarray]:
+    """Decode a frame into fresh, writable arrays of the specs' dtypes, after checking it fully."""
+    header = header_of(payload, max_bytes=max_bytes)
+    _check_header(header, specs)
+    body = _body(memoryview(payload)[header.header_bytes :], header, dictionary)
+    if header.scheme == "jpeg":
+        (t,) = header.tensors
+        return {t.name: jpeg.decode_images(body, t.shape, image_norm).astype(t.dtype, copy=False)}
+    out, pos = {}, 0
+    for t in header.tensors:
+        out[t.name] = _decode_tensor(body[pos : pos + t.nbytes], t, _scheme_of(header.scheme, t.dtype))
+        pos += t.nbytes
+    return out
+
+
+def header_of(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> FrameHeader:
+    """Parse and validate a frame's header without touching the body's contents."""
+    if len(payload) > max_bytes:
+        raise FrameTooLargeError(f"frame of {len(payload)} bytes exceeds the {max_bytes} limit")
+    reader = _Reader(memoryview(payload))
+    magic, version, scheme_code, granularity_code, flags, dict_id, count = reader.unpack(_FIXED)
+    if magic != MAGIC:
+        raise CodecError(f"not an edgecut frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
+    if version != VERSION or flags & ~_ZSTD:
+        raise CodecError(f"unsupported frame version {version} / flags {flags:#x}")
+    scheme = _lookup(SCHEMES, scheme_code, "scheme")
+    granularity = _lookup(GRANULARITIES, granularity_code, "granularity")
+    if count > MAX_TENSORS or (scheme == "jpeg" and count != 1):
+        raise CodecError(f"frame claims {count} tensors for scheme {scheme}")
+    tensors = tuple(_read_tensor(reader, scheme, granularity) for _ in range(count))
+    header = FrameHeader(
+        scheme,
+        granularity,
+        bool(flags & _ZSTD),
+        dict_id,
+        tensors,
+        reader.pos,
+        len(payload) - reader.pos,
+    )
+    _check_sizes(header, memoryview(payload)[reader.pos :], max_bytes)
+    return header
+
+
+def train_dictionary(samples: Sequence[bytes], size: int = 16384) -> zstandard.ZstdCompressionDict:
+    """Train a zstd dictionary on sample bodies (e.g. frames encoded with zstd_level=0).
+
+    Dictionaries pay off for small frames, where zstd has too little data to learn from.
+    """
+    try:
+        return zstandard.train_dictionary(size, list(samples))
+    except zstandard.ZstdError as error:
+        raise CodecError(f"zstd dictionary training failed ({error}); give more samples") from None
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+
+def _match_specs(tensors: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> list[np.ndarray]:
+    """The given tensors in spec order, after checking names, dtypes and shapes."""
+    unexpected = set(tensors) - {s.name for s in specs}
+    if unexpected:
+        raise CodecError(f"tensor {sorted(unexpected)[0]!r} is not in the cut's frontier")
+    arrays = []
+    for spec in specs:
+        if spec.name not in tensors:
+            raise CodecError(f"tensor {spec.name!r}: missing")
+        x = np.asarray(tensors[spec.name])
+        if x.dtype != np.dtype(spec.dtype):
+            raise CodecError(f"tensor {spec.name!r}: expected dtype {spec.dtype}, got {x.dtype}")
+        _check_shape(spec, x.shape)
+        arrays.append(np.ascontiguousarray(x))
+    return arrays
+
+
+def _affine(
+    x: np.ndarray,
+    calibrated: tuple[np.ndarray, np.ndarray] | None,
+    granularity: str,
+    levels: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset) as float32 (P,) arrays; empty when the tensor is not quantized."""
+    if levels is None:
+        return np.empty(0, np.float32), np.empty(0, np.float32)
+    channels = _param_count(granularity, x.shape)
+    if calibrated is None:
+        lo, hi = _value_range(x, channels)
+    else:
+        lo, hi = calibrated
+        if channels == 1 or lo.ndim == 0:
+            lo, hi = np.full(channels, lo.min()), np.full(channels, hi.max())
+        elif lo.shape != (channels,):
+            raise CodecError(f"calibration has {lo.size} channel ranges, tensor has {channels}")
+    lo, hi = lo.astype(np.float32), hi.astype(np.float32)
+    return (hi - lo) / np.float32(levels), lo
+
+
+def _value_range(x: np.ndarray, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    if x.size == 0:
+        return np.zeros(channels, np.float32), np.zeros(channels, np.float32)
+    rows = x.reshape(x.shape[0], channels, -1) if channels > 1 else x.reshape(1, 1, -1)
+    lo, hi = rows.min(axis=(0, 2)), rows.max(axis=(0, 2))
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise CodecError("a tensor with inf/nan values needs a calibrated range or fp16/none")
+    return lo, hi
+
+
+def _encode_tensor(x: np.ndarray, scheme: str, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    if scheme == "none":
+        return x.astype(x.dtype.newbyteorder("<"), copy=False)
+    if scheme == "fp16":
+        return x.astype("<f2")
+    codes = _quantize(x, _per_channel(scale, x.ndim), _per_channel(offset, x.ndim), _LEVELS[scheme])
+    return _pack4(codes) if scheme == "int4" else codes
+
+
+def _quantize(x: np.ndarray, scale: np.ndarray, offset: np.ndarray, levels: int) -> np.ndarray:
+    """uint8 codes; out-of-range values clip to 0 or `levels`, NaN (via fmax) to 0.
+
+    Overflow to inf (a far outlier over a tiny scale) is expected here and clipped like any other.
+    A subnormal scale counts as zero, so its inverse stays finite.
+    """
+    tiny = np.finfo(np.float32).tiny
+    inverse = np.divide(1, scale, out=np.zeros_like(scale), where=scale >= tiny)
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = np.subtract(x, offset, dtype=np.float32)
+        t *= inverse
+    np.fmax(t, 0, out=t)
+    np.fmin(t, levels, out=t)
+    return np.rint(t, out=t).astype(np.uint8)
+
+
+def _pack4(codes: np.ndarray) -> np.ndarray:
+    flat = codes.reshape(-1)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def _encode_jpeg(
+    specs: Sequence[TensorSpec],
+    arrays: list[np.ndarray],
+    codec: CodecSpec,
+    norm: jpeg.ImageNorm | None,
+) -> bytes:
+    if len(arrays) != 1 or arrays[0].dtype.kind != "f":
+        raise CodecError("the jpeg scheme needs a frontier of exactly one float image tensor")
+    x = arrays[0]
+    body = jpeg.encode_images(x, norm, codec.jpeg_quality)
+    empty = np.empty(0, np.float32)
+    head = TensorHeader(specs[0].name, specs[0].dtype, x.shape, empty, empty, len(body))
+    return _pack_header("jpeg", codec.granularity, False, 0, [head]) + body
+
+
+def _pack_header(
+    scheme: str, granularity: str, zstd: bool, dict_id: int, tensors: Sequence[TensorHeader]
+) -> bytes:
+    codes = (SCHEMES.index(scheme), GRANULARITIES.index(granularity), _ZSTD if zstd else 0)
+    parts = [_FIXED.pack(MAGIC, VERSION, *codes, dict_id, len(tensors))]
+    for t in tensors:
+        name = t.name.encode()
+        if len(name) > 255 or len(t.shape) > MAX_RANK:
+            raise CodecError(f"tensor {t.name!r}: name over 255 bytes or rank over {MAX_RANK}")
+        parts += [
+            _NAME_LEN.pack(len(name)),
+            name,
+            _DTYPE_RANK.pack(WIRE_DTYPES.index(t.dtype), len(t.shape)),
+        ]
+        parts += [struct.pack(f"<{len(t.shape)}I", *t.shape), t.scale.astype("<f4").tobytes()]
+        parts += [t.offset.astype("<f4").tobytes(), _U32.pack(t.nbytes)]
+    return b"".join(parts)
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+
+class _Reader:
+    """A cursor over the header that turns running off the end into a CodecError."""
+
+    def __init__(self, data: memoryview) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> memoryview:
+        if self.pos + n > len(self.data):
+            raise CodecError(f"frame truncated: header needs {self.pos + n} bytes, got {len(self.data)}")
+        self.pos += n
+        return self.data[self.pos - n : self.pos]
+
+    def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
+        return layout.unpack(self.take(layout.size))
+
+
+def _read_tensor(reader: _Reader, scheme: str, granularity: str) -> TensorHeader:
+    (name_len,) = reader.unpack(_NAME_LEN)
+    try:
+        name = str(reader.take(name_len), "utf-8")
+    except UnicodeDecodeError:
+        raise CodecError("tensor name is not UTF-8") from None
+    dtype_code, rank = reader.unpack(_DTYPE_RANK)
+    dtype = _lookup(WIRE_DTYPES, dtype_code, "dtype")
+    if rank > MAX_RANK:
+        raise CodecError(f"tensor {name!r}: rank {rank} over {MAX_RANK}")
+    shape = reader.unpack(struct.Struct(f"<{rank}I"))
+    quantized = _scheme_of(scheme, dtype) in _LEVELS
+    params = _param_count(granularity, shape) if quantized else 0
+    scale = np.frombuffer(reader.take(4 * params), "<f4")
+    offset = np.frombuffer(reader.take(4 * params), "<f4")
+    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(offset))):
+        raise CodecError(f"tensor {name!r}: non-finite quantization parameters")
+    (nbytes,) = reader.unpack(_U32)
+    return TensorHeader(name, dtype, shape, scale, offset, nbytes)
+
+
+def _check_sizes(header: FrameHeader, body: memoryview, max_bytes: int) -> None:
+    """Every length adds up, and nothing the frame promises exceeds `max_bytes`."""
+    if header.decoded_bytes > max_bytes:
+        raise FrameTooLargeError(f"frame decodes to {header.decoded_bytes} bytes, over {max_bytes}")
+    for t in header.tensors:
+        scheme = _scheme_of(header.scheme, t.dtype)
+        if header.scheme == "jpeg" and scheme != "jpeg":
+            raise CodecError(f"tensor {t.name!r}: jpeg needs a float tensor, not {t.dtype}")
+        if scheme != "jpeg" and t.nbytes != _encoded_size(scheme, t.dtype, math.prod(t.shape)):
+            raise CodecError(f"tensor {t.name!r}: {t.nbytes} payload bytes do not fit its shape")
+    expected = sum(t.nbytes for t in header.tensors)
+    if expected > max_bytes:
+        raise FrameTooLargeError(f"frame body claims {expected} bytes, over {max_bytes}")
+    actual = _content_size(body) if header.zstd else len(body)
+    if expected != actual:
+        raise CodecError(f"frame body holds {actual} bytes, the header promises {expected}")
+
+
+def _content_size(body: memoryview) -> int:
+    try:
+        return int(zstandard.frame_content_size(body))  # -1 (unknown) never matches
+    except zstandard.ZstdError:
+        raise CodecError("frame body is not a zstd frame") from None
+
+
+def _check_header(header: FrameHeader, specs: Sequence[TensorSpec]) -> None:
+    by_name = {t.name: t for t in header.tensors}
+    if len(by_name) != len(header.tensors) or set(by_name) != {s.name for s in specs}:
+        names = [t.name for t in header.tensors]
+        raise CodecError(f"frame carries tensors {names}, the cut expects {[s.name for s in specs]}")
+    for spec in specs:
+        tensor = by_name[spec.name]
+        if tensor.dtype != spec.dtype:
+            raise CodecError(f"tensor {spec.name!r}: expected dtype {spec.dtype}, got {tensor.dtype}")
+        _check_shape(spec, tensor.shape)
+
+
+def _body(
+    data: memoryview, header: FrameHeader, dictionary: zstandard.ZstdCompressionDict | None
+) -> memoryview:
+    if not header.zstd:
+        return data
+    have = dictionary.dict_id() if dictionary else 0
+    if header.dict_id and header.dict_id != have:
+        raise CodecError(f"frame needs zstd dictionary {header.dict_id}, this side has {have or 'none'}")
+    try:
+        context = _zstd_context("decompress", 0, dictionary if header.dict_id else None)
+        return memoryview(context.decompress(data, allow_extra_data=False))
+    except zstandard.ZstdError as error:
+        raise CodecError(f"frame body does not decompress: {error}") from None
+
+
+def _decode_tensor(data: memoryview, t: TensorHeader, scheme: str) -> np.ndarray:
+    numel = math.prod(t.shape)
+    if scheme == "none" and t.dtype == "bool":
+        return (np.frombuffer(data, np.uint8) != 0).reshape(t.shape)  # any byte, never a bad bool
+    if scheme in ("none", "fp16"):
+        wire = np.dtype(t.dtype if scheme == "none" else "float16").newbyteorder("<")
+        return np.frombuffer(data, wire).astype(t.dtype).reshape(t.shape)  # astype copies
+    codes = np.frombuffer(data, np.uint8)
+    if scheme == "int4":
+        codes = _unpack4(codes, numel)
+    x = np.multiply(codes.reshape(t.shape), _per_channel(t.scale, len(t.shape)), dtype=np.float32)
+    x += _per_channel(t.offset, len(t.shape))
+    return x.astype(t.dtype, copy=False)
+
+
+def _unpack4(packed: np.ndarray, count: int) -> np.ndarray:
+    codes = np.empty(packed.size * 2, np.uint8)
+    codes[0::2] = packed & 15
+    codes[1::2] = packed >> 4
+    return codes[:count]
+
+
+# --- shared --------------------------------------------------------------------------------------
+
+
+def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
+    """Same rank and dims as the spec, except any batch size N ≥ 1 on axis 0."""
+    if len(shape) != len(spec.shape) or shape[1:] != spec.shape[1:] or (shape and shape[0] < 1):
+        pattern = ("N", *spec.shape[1:]) if spec.shape else ()
+        expected = f"({', '.join(map(str, pattern))})"
+        raise CodecError(f"tensor {spec.name!r}: expected shape {expected}, got {tuple(shape)}")
+
+
+def _scheme_of(frame_scheme: str, dtype: str) -> str:
+    """Quantizers only apply to floats; integer and bool tensors always travel raw."""
+    return frame_scheme if np.dtype(dtype).kind == "f" else "none"
+
+
+def _param_count(granularity: str, shape: tuple[int, ...]) -> int:
+    return shape[1] if granularity == "channel" and len(shape) >= 2 else 1
+
+
+def _per_channel(params: np.ndarray, rank: int) -> np.ndarray:
+    """Shape (P,) params so they broadcast over axis 1 (or everything, when P = 1)."""
+    return params.reshape(1, -1, *[1] * (rank - 2)) if params.size > 1 else params.reshape(())
+
+
+def _encoded_size(scheme: str, dtype: str, numel: int) -> int:
+    itemsize = {"none": np.dtype(dtype).itemsize, "fp16": 2, "int8": 1, "int6": 1}.get(scheme)
+    return numel * itemsize if itemsize else (numel + 1) // 2
+
+
+def _lookup(names: tuple[str, ...], code: int, what: str) -> str:
+    if code >= len(names):
+        raise CodecError(f"unknown {what} code {code} in frame")
+    return names[code]
+
+
+_contexts = threading.local()
+
+
+def _zstd_context(kind: str, level: int, dictionary: zstandard.ZstdCompressionDict | None) -> Any:
+    """A reusable zstd (de)compressor: per thread, since zstd contexts are not thread-safe.
+
+    Reuse saves allocating the context and digesting the dictionary on every frame.
+    """
+    cache: dict[tuple[str, int, int], tuple[Any, Any]] = _contexts.__dict__.setdefault("cache", {})
+    key = (kind, level, id(dictionary))
+    if key not in cache:
+        if len(cache) >= 8:
+            cache.clear()
+        if kind == "compress":
+            context: Any = zstandard.ZstdCompressor(level=level, dict_data=dictionary)
+        else:
+            context = zstandard.ZstdDecompressor(dict_data=dictionary)
+        cache[key] = (dictionary, context)  # holding the dictionary keeps its id() unique
+    return cache[key][1]
