@@ -86,3 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def stdout_console() -> Any:
+    """A rich console for tables: full width on a terminal, 150 columns when piped or logged."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=150)

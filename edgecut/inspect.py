@@ -6,10 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from edgecut.bundle import Bundle, load_bundle
+from edgecut.cli import stdout_console
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({k: m[k] for k in ("model", "version", "cuts", "verification",
                                             "fidelity")} | {"signed": bundle.signed}, indent=1))
         return 0
-    console = Console()
+    console = stdout_console()
     console.print(cuts_table(bundle))
     if args.fidelity:
         console.print(fidelity_table(bundle))

@@ -1,0 +1,93 @@
+"""What each (cut, codec) option costs, assembled from a bundle, profiles and fidelity.
+
+The planner is pure math over `CutCost`s; this module is where measurements meet it. Byte counts
+come from the bundle's fidelity report (measured on real held-out photos at partition time) or,
+without one, from the frontier size and the codec's bits per value — marked as estimated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from edgecut.bundle import Bundle, Manifest
+from edgecut.planner import CutCost
+from edgecut.profile import Profile
+
+SEAL_OVERHEAD_BYTES = 89 + 64  # HPKE enc + tag + plaintext header, plus Frame fields
+BITS = {"none": 32, "fp16": 16, "int8": 8, "int6": 8, "int4": 4, "jpeg": 1}
+DEFAULT_CODECS = ("int8-channel-z3",)
+
+
+@dataclass(frozen=True)
+class CloudTimes:
+    """The tail's per-segment latency (from ServerInfo or a cloud profile) and its decode cost."""
+
+    segment_ms: Mapping[str, float]  # segment name ("seg_003") -> median ms on the server
+    decode_ms: float = 0.0  # open + decode per request, ms
+
+
+def segment_name(file: str) -> str:
+    return file.rsplit("/", 1)[-1].removesuffix(".onnx")
+
+
+def cloud_times_from(profile: Profile) -> CloudTimes:
+    return CloudTimes({t.segment: t.latency_ms for t in profile.segments},
+                      max((c.decode_ms for c in profile.codecs), default=0.0))
+
+
+def cut_costs(bundle: Bundle, edge: Profile, cloud: CloudTimes,
+              codecs: Sequence[str] = DEFAULT_CODECS) -> list[CutCost]:
+    """One CutCost per allowed (cut, codec); "output" (edge-only) once, with no codec."""
+    m = bundle.manifest
+    down = sum(t.nbytes for t in m.outputs) + SEAL_OVERHEAD_BYTES
+    costs = []
+    for cut in m.cuts:
+        edge_ms = sum(edge.segment_ms(segment_name(s.file)) for s in m.head(cut.id))
+        mem = sum(bundle.path(s.file).stat().st_size for s in m.head(cut.id))
+        if cut.id == m.cuts[-1].id:
+            costs.append(CutCost(cut.id, cut.depth, "-", edge_ms, 0.0, 0.0, 0, 0, 0.0, mem))
+            continue
+        cloud_ms = sum(cloud.segment_ms.get(segment_name(s.file), 0.0) for s in m.tail(cut.id))
+        for codec in _codecs_for(m, cut.id, codecs):
+            bytes_up, drop = _bytes_and_drop(m, cut.id, codec)
+            encode_ms = _encode_ms(edge, cut.id, codec)
+            costs.append(CutCost(cut.id, cut.depth, codec, edge_ms, encode_ms, cloud.decode_ms,
+                                 bytes_up + SEAL_OVERHEAD_BYTES, down, cloud_ms, mem, drop))
+    return costs
+
+
+def _codecs_for(m: Manifest, cut_id: str, codecs: Sequence[str]) -> list[str]:
+    if cut_id == "input" and m.preprocess.kind == "image":
+        return ["jpeg90"]  # the honest cloud-only baseline: what a user would upload anyway
+    return [c for c in codecs if not c.startswith("jpeg")]
+
+
+def _fidelity(m: Manifest, cut_id: str, codec: str) -> Mapping[str, object] | None:
+    for row in m.fidelity:
+        if row["cut"] == cut_id and _same_codec(str(row["codec"]), codec):
+            return row
+    return None
+
+
+def _same_codec(a: str, b: str) -> bool:
+    from edgecut.codec import CodecSpec
+
+    return str(CodecSpec.parse(a)) == str(CodecSpec.parse(b))
+
+
+def _bytes_and_drop(m: Manifest, cut_id: str, codec: str) -> tuple[int, float]:
+    row = _fidelity(m, cut_id, codec)
+    if row is not None:
+        return int(float(str(row["bytes"]))), max(0.0, 1.0 - float(str(row["agreement"])))
+    scheme = codec.split("-")[0].rstrip("0123456789") if codec.startswith("jpeg") else \
+        codec.split("-")[0]
+    elems = sum(t.numel for t in m.cut(cut_id).frontier)
+    return elems * BITS.get(scheme, 32) // 8, 0.0
+
+
+def _encode_ms(edge: Profile, cut_id: str, codec: str) -> float:
+    for c in edge.codecs:
+        if c.cut == cut_id and _same_codec(c.codec, codec):
+            return c.encode_ms
+    return 0.0

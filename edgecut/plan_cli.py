@@ -1,0 +1,110 @@
+"""`edgecut plan BUNDLE --edge-profile P (--cloud HOST:PORT | --cloud-profile P) --bandwidth 8mbit`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from edgecut.cli import stdout_console
+from edgecut.costs import CloudTimes
+from edgecut.planner import Plan
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--edge-profile", type=Path, required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--cloud", metavar="HOST:PORT", help="ask a tail service (ServerInfo)")
+    where.add_argument("--cloud-profile", type=Path, help="a profile recorded on the server")
+    p.add_argument("--bandwidth", required=True, help="e.g. 8mbit, 512kbit (both directions)")
+    p.add_argument("--rtt", default="0ms", help="round-trip time, e.g. 40ms")
+    p.add_argument("--queue-ms", type=float, default=0.0, help="server queue delay to assume")
+    p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
+    p.add_argument("--min-cut", type=int, default=0,
+                   help="forbid the first N cuts (privacy: raw input never leaves the device)")
+    p.add_argument("--codec", default="int8-channel", help="codec(s), comma separated")
+    p.add_argument("--max-accuracy-drop", help="e.g. 0.5%% (top-1 disagreement budget)")
+    p.add_argument("--max-edge-mem", type=int, help="bytes of segment weights the edge may hold")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgecut.bundle import load_bundle
+    from edgecut.costs import cloud_times_from, cut_costs
+    from edgecut.netem import LinkConfig
+    from edgecut.planner import Constraints, LinkEstimate, plan
+    from edgecut.profile import load_profile
+
+    bundle = load_bundle(args.bundle)
+    link = LinkConfig.parse(args.bandwidth, args.rtt)
+    cloud = (cloud_times_from(load_profile(args.cloud_profile)) if args.cloud_profile
+             else _ask_server(args.cloud, bundle.manifest.model, bundle.manifest.version))
+    costs = cut_costs(bundle, load_profile(args.edge_profile), cloud, args.codec.split(","))
+    constraints = Constraints(args.min_cut, args.max_edge_mem, _percent(args.max_accuracy_drop))
+    result = plan(costs, LinkEstimate(link.up_bps or 1e12, link.down_bps or 1e12, link.rtt_ms,
+                                      args.queue_ms), constraints, args.objective)
+    if args.json:
+        print(json.dumps(plan_json(result), indent=1))
+    else:
+        stdout_console().print(plan_table(result))
+    return 0
+
+
+def _percent(text: str | None) -> float | None:
+    from edgecut.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise UsageError(f"--max-accuracy-drop '{text}' is not like 0.5% or 0.005") from None
+    return value
+
+
+def _ask_server(address: str, model: str, version: str) -> CloudTimes:
+    import grpc
+
+    from edgecut.errors import NotFoundError, UnavailableError
+    from edgecut.v1 import edgecut_pb2 as pb
+    from edgecut.v1 import edgecut_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            info = edgecut_pb2_grpc.TailServiceStub(channel).ServerInfo(pb.ServerInfoRequest(),
+                                                                        timeout=5)
+        except grpc.RpcError as exc:
+            raise UnavailableError(f"tail service {address}: {exc.code().name}") from None
+    for m in info.models:
+        if m.name == model and m.version == version:
+            times = {p.segment.removesuffix(".onnx"): p.latency_ms for c in m.cuts for p in c.tail}
+            return CloudTimes(times)
+    raise NotFoundError(f"tail service {address} does not serve {model}:{version}")
+
+
+def plan_json(result: Plan) -> dict[str, object]:
+    return {"objective": result.objective, "chosen": {"cut": result.chosen.cost.cut,
+                                                      "codec": result.chosen.cost.codec},
+            "rows": [{"cut": r.cost.cut, "codec": r.cost.codec, "predicted_ms": r.predicted_ms,
+                      "stages_ms": dict(r.stages_ms), "bytes_up": r.cost.bytes_up,
+                      "allowed": r.allowed, "reason": r.reason} for r in result.rows]}
+
+
+def plan_table(result: Plan) -> Table:
+    t = Table(title=f"predicted {result.objective} per cut — {result.link}")
+    for col in ("", "cut", "codec", "edge", "encode", "up", "rtt", "queue", "cloud", "down",
+                "total ms", "bytes up", "note"):
+        t.add_column(col, justify="left" if col in ("", "cut", "codec", "note") else "right")
+    for r in result.rows:
+        mark = "→" if r is result.chosen else ""
+        s = r.stages_ms
+        t.add_row(mark, r.cost.cut, r.cost.codec,
+                  *(f"{s[k]:.1f}" for k in ("edge", "encode", "up", "rtt", "queue", "cloud",
+                                            "down")),
+                  f"{r.predicted_ms:.1f}", str(r.cost.bytes_up), r.reason,
+                  style="bold green" if mark else ("dim" if not r.allowed else None))
+    return t
