@@ -125,3 +125,21 @@ class UnavailableError(EdgecutError):
     """The tail service cannot be reached."""
 
     grpc_status = "UNAVAILABLE"
+
+
+class ProfileError(EdgecutError):
+    """A profile is missing, garbled, of an unsupported version, or lacks a needed timing."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class PlanError(EdgecutError):
+    """No (cut, codec) option satisfies the constraints, or there are no options at all."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class ImageError(EdgecutError):
+    """An input image cannot be read or decoded."""
+
+    grpc_status = "INVALID_ARGUMENT"

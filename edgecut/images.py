@@ -13,18 +13,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edgecut.bundle import Preprocess
-from edgecut.errors import EdgecutError, UsageError
+from edgecut.errors import ImageError, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SAMPLE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry",
                  "hubble_deep_field", "camera")
 MAX_PIXELS = 64_000_000  # refuse decompression-bomb images before decoding
 
-
-class ImageError(EdgecutError):
-    """An input image cannot be read or decoded."""
-
-    grpc_status = "INVALID_ARGUMENT"
 
 
 def load_image(source: Path | bytes, label: str | None = None) -> np.ndarray:

@@ -16,18 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from edgecut.errors import EdgecutError, UsageError
+from edgecut.errors import PlanError, UsageError
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("latency", "throughput")
 STAGES = ("edge", "encode", "up", "rtt", "queue", "decode", "cloud", "down")  # pipeline order
 
-
-class PlanError(EdgecutError):
-    """No (cut, codec) option satisfies the constraints, or there are no options at all."""
-
-    grpc_status = "FAILED_PRECONDITION"
 
 
 @dataclass(frozen=True)

@@ -20,16 +20,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edgecut.errors import EdgecutError
+from edgecut.errors import ProfileError
 
 FORMAT_VERSION = 1
 MODES = ("measured", "scaled")
 
-
-class ProfileError(EdgecutError):
-    """A profile is missing, garbled, of an unsupported version, or lacks a needed timing."""
-
-    grpc_status = "FAILED_PRECONDITION"
 
 
 @dataclass(frozen=True)
