@@ -1,0 +1,163 @@
+"""Configuration of the tail service: one frozen dataclass, from a TOML file and/or CLI flags.
+
+Values are validated here, where they cross from the operator into the program, so the rest of the
+service can trust them. The device-token file is parsed here too: it is configuration, and a typo
+in it must stop the server at start, not lock devices out at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgecut.errors import UsageError
+from edgecut.framing import MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
+from edgecut.runtime import PROVIDERS
+
+DEVICES = ("cpu", "cuda")
+_PATH_FIELDS = ("bundles", "key", "tls_cert", "tls_key", "client_ca", "tokens", "signing_pub")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `edgecut cloud serve` needs; defaults work for a local CPU server."""
+
+    bundles: Path  # directory whose subdirectories holding manifest.json are served bundles
+    key: Path  # the service's HPKE private key (service.key)
+    host: str = "127.0.0.1"  # interface to bind; "0.0.0.0" for all
+    port: int = 50051  # TCP port for gRPC; 0 = any free port (the bound one is printed)
+    device: str = "cpu"  # "cpu" or "cuda": where the tail segments run
+    providers: tuple[str, ...] = ()  # ORT execution providers (keys of runtime.PROVIDERS); () = by device
+    threads: int = 0  # ORT intra-op threads per session; 0 = ORT default (all cores)
+    metrics_port: int | None = None  # Prometheus HTTP port; None = no metrics endpoint
+    max_batch: int = 8  # most requests run together in one batch (Triton's max_batch_size)
+    max_queue_delay_ms: float = 2.0  # longest a request waits for batch-mates, ms
+    max_queue: int = 256  # queued requests per (model, version, cut) before RESOURCE_EXHAUSTED
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # gRPC send/receive limit per message, bytes
+    max_request_bytes: int = MAX_REQUEST_BYTES  # largest sealed request (all chunks), bytes
+    max_decoded_bytes: int = 64 << 20  # largest decoded frontier a request may claim, bytes
+    max_probe_bytes: int = 4 << 20  # largest reply a Probe may ask for, bytes
+    tls_cert: Path | None = None  # PEM server certificate chain; with tls_key enables TLS
+    tls_key: Path | None = None  # PEM server private key
+    client_ca: Path | None = None  # PEM CA bundle; when set, clients must present a cert (mTLS)
+    tokens: Path | None = None  # device token file; when set every RPC needs a bearer token
+    signing_pub: Path | None = None  # Ed25519 key bundles must be signed with; None = hashes only
+    replay_window_ms: int = 30_000  # accepted clock skew / replay window for frame timestamps, ms
+    poll_interval_s: float = 2.0  # how often the bundles directory is rescanned, s; 0 = never
+    session_cache: int = 128  # ORT sessions kept (one per segment file), least recently used out
+    warmup_runs: int = 3  # timed runs per segment at load, after one untimed run
+    grace_s: float = 10.0  # on SIGTERM, how long in-flight requests may take to finish, s
+    compute_threads: int = 2  # threads running batches (different lanes run in parallel)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def resolved_providers(self) -> tuple[str, ...]:
+        """Providers to try, in order: explicit ones, else the device's usual stack."""
+        if self.providers:
+            return self.providers
+        return ("cuda", "cpu") if self.device == "cuda" else ("cpu",)
+
+    @classmethod
+    def from_toml(cls, path: Path, **overrides: Any) -> ServeConfig:
+        """Read `path` (top-level keys = field names), then apply non-None `overrides` (flags)."""
+        import tomllib  # Python 3.11+; imported here so the rest of the config works on 3.10
+
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise UsageError(f"config {path}: cannot read ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"config {path}: not valid TOML ({exc})") from None
+        return cls.from_mapping({**data, **{k: v for k, v in overrides.items() if v is not None}},
+                                source=str(path))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "flags") -> ServeConfig:
+        """Build from plain values (TOML or argparse), converting paths and lists."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"{source}: unknown setting(s) {', '.join(unknown)}",
+                             hint=f"known: {', '.join(sorted(known))}")
+        values: dict[str, Any] = {k: (Path(v) if k in _PATH_FIELDS and v is not None else v)
+                                  for k, v in data.items()}
+        if "providers" in values:
+            values["providers"] = tuple(values["providers"])
+        for required in ("bundles", "key"):
+            if values.get(required) is None:
+                raise UsageError(f"{source}: '{required}' is required")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise UsageError(f"{source}: {exc}") from None
+
+
+def _validate(c: ServeConfig) -> None:
+    if c.device not in DEVICES:
+        raise UsageError(f"device {c.device!r}: expected one of {', '.join(DEVICES)}")
+    unknown = [p for p in c.providers if p not in PROVIDERS]
+    if unknown:
+        raise UsageError(f"unknown execution provider(s) {unknown}; use {', '.join(PROVIDERS)}")
+    ranges = {"port": (c.port, 0, 65535), "threads": (c.threads, 0, 1024),
+              "max_batch": (c.max_batch, 1, 4096), "max_queue": (c.max_queue, 1, 1 << 20),
+              "session_cache": (c.session_cache, 1, 1 << 16), "warmup_runs": (c.warmup_runs, 0, 1000),
+              "compute_threads": (c.compute_threads, 1, 256),
+              "max_message_bytes": (c.max_message_bytes, 4096, 2**31 - 1),
+              "replay_window_ms": (c.replay_window_ms, 1, 86_400_000)}
+    if c.metrics_port is not None:
+        ranges["metrics_port"] = (c.metrics_port, 0, 65535)
+    for name, (value, lo, hi) in ranges.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise UsageError(f"{name} = {value!r}: expected an integer in {lo}..{hi}")
+    for name in ("max_queue_delay_ms", "poll_interval_s", "grace_s"):
+        value = getattr(c, name)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise UsageError(f"{name} = {value!r}: expected a non-negative number")
+    if (c.tls_cert is None) != (c.tls_key is None):
+        raise UsageError("TLS needs both --tls-cert and --tls-key")
+    if c.client_ca is not None and c.tls_cert is None:
+        raise UsageError("--client-ca (mTLS) needs --tls-cert and --tls-key")
+
+
+@dataclass(frozen=True)
+class DeviceGrant:
+    """What one device token allows."""
+
+    device_id: str  # who holds the token, for logs and metrics
+    models: frozenset[str] | None = field(default=None)  # allowed model names; None = all
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+def load_tokens(path: Path) -> dict[str, DeviceGrant]:
+    """Parse a token file: one `token device_id [model1,model2,...]` per line, `#` comments.
+
+    Tokens must be unique; a line with fewer than two fields is an error naming the line (never
+    the token, which is a secret).
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UsageError(f"tokens file {path}: cannot read ({exc.strerror})") from None
+    grants: dict[str, DeviceGrant] = {}
+    for number, line in enumerate(lines, 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) not in (2, 3):
+            raise UsageError(f"tokens file {path} line {number}: expected "
+                             "'token device_id [model1,model2,...]'")
+        token, device_id = fields[0], fields[1]
+        if token in grants:
+            raise UsageError(f"tokens file {path} line {number}: duplicate token")
+        models = frozenset(m for m in fields[2].split(",") if m) if len(fields) == 3 else None
+        grants[token] = DeviceGrant(device_id, models)
+    if not grants:
+        raise UsageError(f"tokens file {path} holds no tokens; every device would be refused")
+    return grants

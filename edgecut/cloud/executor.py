@@ -1,0 +1,129 @@
+"""Run the tail segments k+1..N of a bundle: one small interface, ONNX Runtime behind it.
+
+Sessions are cached per segment file, not per cut: every cut's tail is a suffix of the same segment
+list, so the cut-7 and cut-8 tails share all but one session. The cache is a bounded LRU because a
+server holding many bundle versions must not hold every session of every one forever.
+
+ONNX Runtime covers CPU, CUDA and TensorRT through its execution providers, which is why there is
+no separate PyTorch executor: a torch tail would need the original module (bundles carry ONNX only)
+and would add a 2 GB dependency for the same kernels the CUDA EP runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from edgecut.bundle import Bundle, Segment
+from edgecut.profile import SegmentTiming
+from edgecut.runtime import OrtOptions, make_session, resolve_providers
+
+log = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    """What the batcher needs: run a cut's tail, measure a bundle, forget a bundle."""
+
+    device: str  # what ServerInfo reports, e.g. "cpu" or "cuda (CUDAExecutionProvider)"
+
+    def run(self, bundle: Bundle, cut: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs (manifest.outputs) of the tail behind `cut`, fed with that cut's frontier."""
+        ...
+
+    def warm_up(self, bundle: Bundle, runs: int) -> dict[str, SegmentTiming]:
+        """Create every session of `bundle`, run each once, then time `runs` runs per segment."""
+        ...
+
+    def evict(self, bundle: Bundle) -> None:
+        """Drop the sessions of a retired bundle."""
+        ...
+
+
+_Key = tuple[str, str, str]  # (bundle name, manifest sha256, segment file)
+
+
+class OrtExecutor:
+    """ONNX Runtime sessions; thread-safe (ORT's `run` is, and the cache takes a lock)."""
+
+    def __init__(self, options: OrtOptions, cache_size: int = 128) -> None:
+        self.options = options
+        self.cache_size = cache_size
+        self._lock = threading.Lock()
+        self._sessions: OrderedDict[_Key, ort.InferenceSession] = OrderedDict()
+        self.device = _describe(options)
+
+    def run(self, bundle: Bundle, cut: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        env = dict(feeds)
+        for segment in bundle.manifest.tail(cut):
+            session = self._session(bundle, segment)
+            names = list(segment.outputs)
+            values = session.run(names, {name: env[name] for name in segment.inputs})
+            env.update(zip(names, values, strict=True))
+        return {spec.name: env[spec.name] for spec in bundle.manifest.outputs}
+
+    def warm_up(self, bundle: Bundle, runs: int) -> dict[str, SegmentTiming]:
+        timings = {}
+        manifest = bundle.manifest
+        for segment in manifest.segments:
+            session = self._session(bundle, segment)
+            feeds = {t.name: np.zeros(t.shape, t.dtype) for t in manifest.cut(segment.start).frontier}
+            timings[Path(segment.file).stem] = _time(session, segment, feeds, runs)
+        return timings
+
+    def evict(self, bundle: Bundle) -> None:
+        with self._lock:
+            for key in [k for k in self._sessions if k[:2] == _bundle_key(bundle)]:
+                del self._sessions[key]
+
+    def _session(self, bundle: Bundle, segment: Segment) -> ort.InferenceSession:
+        key = (*_bundle_key(bundle), segment.file)
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is not None:
+                self._sessions.move_to_end(key)
+                return session
+        # Created outside the lock: loading takes tens of ms and must not stall other lanes.
+        # Two threads may both create one; the second simply replaces the first.
+        session = make_session(bundle.path(segment.file), self.options)
+        with self._lock:
+            self._sessions[key] = session
+            while len(self._sessions) > self.cache_size:
+                evicted, _ = self._sessions.popitem(last=False)
+                log.debug("session cache full: dropped %s %s", evicted[0], evicted[2])
+        return session
+
+
+def _bundle_key(bundle: Bundle) -> tuple[str, str]:
+    return bundle.name, bundle.manifest_sha256
+
+
+def _time(session: ort.InferenceSession, segment: Segment, feeds: dict[str, np.ndarray],
+          runs: int) -> SegmentTiming:
+    names = list(segment.outputs)
+    session.run(names, feeds)  # first run allocates and picks kernels: excluded
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(names, feeds)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    if not samples:
+        return SegmentTiming(Path(segment.file).stem, 0.0, 0.0, 0)
+    ordered = sorted(samples)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return SegmentTiming(Path(segment.file).stem, statistics.median(samples), p90, runs)
+
+
+def _describe(options: OrtOptions) -> str:
+    chosen = resolve_providers(options.providers)
+    if chosen[0] == "CPUExecutionProvider":
+        return f"cpu (onnxruntime {ort.__version__}, {options.threads or 'default'} threads)"
+    return f"{chosen[0].removesuffix('ExecutionProvider').lower()} (onnxruntime {ort.__version__})"
