@@ -1,0 +1,180 @@
+"""`edgecut demo`: split inference of real photos through a local tail service, in one command.
+
+Partitions EfficientNet-Lite0 (cached and re-verified on later runs), generates throwaway keys,
+starts the tail service as a separate process on a free loopback port, runs the edge agent on the
+photos shipped with scikit-image at three cuts, prints what each cost, and stops the service.
+Everything heavy (torch for partitioning, the cloud package) is imported inside functions: this
+module is the one place where edge and cloud meet, and only as two processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+from edgecut.bundle import Bundle, load_bundle
+from edgecut.errors import EdgecutError, UsageError
+
+if TYPE_CHECKING:
+    from edgecut.edge.agent import Result
+
+log = logging.getLogger(__name__)
+
+MODEL = "efficientnet-lite0"
+READY_TIMEOUT_S = 120.0  # the service loads and warms up every bundle before `listening`
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgecut" / "bundles"
+
+
+def cached_bundle(root: Path) -> Bundle:
+    """The demo bundle under `root/effl0`: reused if it verifies, (re)built otherwise."""
+    target = root / "effl0"
+    if (target / "manifest.json").exists():
+        try:
+            return load_bundle(target)
+        except EdgecutError as exc:
+            log.warning("cached bundle unusable (%s): rebuilding", exc)
+    from edgecut.partition.build import partition
+    from edgecut.partition.load import load_model
+
+    bundle = partition(load_model(MODEL), target, force=True)
+    try:
+        from edgecut.partition.calibrate import calibrate_bundle
+    except ImportError:
+        return bundle
+    calibrate_bundle(bundle, "builtin")
+    return load_bundle(target)
+
+
+@contextlib.contextmanager
+def tail_service(bundles: Path, key: Path, *extra: str) -> Iterator[str]:
+    """Run `edgecut cloud serve` as a subprocess; yield its HOST:PORT once it says `listening`."""
+    cmd = [sys.executable, "-m", "edgecut.cli", "cloud", "serve", "--bundles", str(bundles),
+           "--key", str(key), "--port", "0", "--poll-interval-s", "0", "--grace-s", "1", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield _wait_listening(proc)
+    finally:
+        stop_process(proc)
+
+
+def _wait_listening(proc: subprocess.Popen[str]) -> str:
+    """Read stdout lines in a thread until `listening HOST:PORT` or the process dies."""
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump, args=(proc, lines), daemon=True).start()
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
+            err = proc.stderr.read() if proc.stderr else ""
+            tail = err.strip().splitlines()[-1:] or ["no output"]
+            raise UsageError(f"tail service exited before listening: {tail[0]}")
+        if line.startswith("listening "):
+            return line.split()[1]
+    raise UsageError(f"tail service did not report `listening` within {READY_TIMEOUT_S:.0f} s")
+
+
+def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
+    for line in proc.stdout or ():
+        lines.put(line.strip())
+    lines.put(None)
+
+
+def stop_process(proc: subprocess.Popen[str], timeout_s: float = 10.0) -> None:
+    """SIGTERM (the service drains), then SIGKILL if it does not exit in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _runs(bundle: Bundle) -> list[tuple[str, str]]:
+    """Three cuts: the cloud-only JPEG baseline, a middle cut and the deepest one, int8."""
+    inner = [c.id for c in bundle.manifest.cuts[1:-1]]
+    return [("input", "jpeg90"), (inner[len(inner) // 2], "int8"), (inner[-1], "int8")]
+
+
+def run_demo(console: Console) -> list[Result]:
+    """Do the whole demo and return the agent's results (for the table)."""
+    from edgecut.edge.agent import image_input
+    from edgecut.edge.cli import EdgeConfig, start_agent
+    from edgecut.images import sample_photos
+    from edgecut.keys import generate_keys
+
+    with console.status("partitioning EfficientNet-Lite0 (cached after the first run)…"):
+        bundle = cached_bundle(cache_dir())
+    console.log(f"bundle {bundle.name}: {len(bundle.manifest.cuts)} cuts at {bundle.root}")
+    photos = sample_photos()
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="edgecut-demo-") as tmp, contextlib.ExitStack() as stack:
+        keys = generate_keys(Path(tmp) / "keys")
+        with console.status("starting the tail service (loads and warms up the bundle)…"):
+            address = stack.enter_context(tail_service(bundle.root.parent, keys.service_key))
+        console.log(f"tail service listening on {address} (a separate process)")
+        for cut, codec_name in _runs(bundle):
+            config = EdgeConfig(bundle=bundle.root, server=address, server_key=keys.service_pub,
+                                cut=cut, codec=codec_name, fallback="fail")
+            with console.status(f"edge agent at cut {cut} ({codec_name})…"), \
+                    start_agent(config) as agent:
+                agent.run([image_input(i, n, im) for i, (n, im) in enumerate(photos)],
+                          results.append)
+        console.log("stopping the tail service")
+    return results
+
+
+def table(results: list[Result]) -> Table:
+    t = Table(title="edgecut demo: EfficientNet-Lite0 split between this process and a tail "
+                    "service on loopback")
+    for name in ("image", "top-1", "cut", "codec", "where", "bytes up", "edge ms", "wire ms",
+                 "server ms", "total ms"):
+        t.add_column(name, justify="right" if "ms" in name or "bytes" in name else "left")
+    for r in results:
+        tm = r.timings_ms
+        label = "error: " + (r.error or "") if r.where == "failed" else (
+            r.top5[0][1] or f"class {r.top5[0][0]}")
+        t.add_row(r.input, label, r.cut or "", r.codec or "", r.where, f"{r.bytes_up:,}",
+                  f"{tm.get('edge_ms', 0):.1f}", f"{tm.get('wire_ms', 0):.1f}",
+                  f"{tm.get('server_ms', 0):.1f}", f"{tm.get('total_ms', 0):.1f}")
+    return t
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console()
+    if not console.is_terminal:  # piped: rich would assume 80 columns and truncate the table
+        console = Console(width=max(console.width, 140))
+    t0 = time.perf_counter()
+    results = run_demo(console)
+    console.print(table(results))
+    failed = sum(1 for r in results if r.where == "failed")
+    console.print(f"{len(results)} results, {failed} failed, in {time.perf_counter() - t0:.1f} s. "
+                  "Bytes up are sealed frames; labels are ImageNet classes (names when the bundle "
+                  "ships them).")
+    return 1 if failed else 0

@@ -1,0 +1,268 @@
+"""The edge agent loop: inputs in, one result per input out, whatever the network does.
+
+For each input: preprocess as the bundle says, run the head (segments 1..k), encode the frontier,
+seal and queue it on the tail session, then go on to the next input while that frame is on the
+wire; at most `in_flight` inputs are outstanding. Results are emitted in input order. A request
+the cloud cannot answer (down, too slow, overloaded) is retried once under a fresh id or computed
+locally (segments k+1..N) per `fallback`; either way it yields exactly one result, marked with where
+it was computed. Bad inputs yield one error result each and the loop keeps going.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from edgecut import codec
+from edgecut.bundle import Bundle
+from edgecut.edge.cutchoice import CutChoice
+from edgecut.edge.runner import Runner
+from edgecut.edge.session import Reply, TailSession, Ticket, is_retryable
+from edgecut.errors import EdgecutError, UsageError
+from edgecut.images import load_image, prepare
+
+log = logging.getLogger(__name__)
+
+FALLBACKS = ("local", "fail")
+
+
+@dataclass(frozen=True)
+class Input:
+    """One thing to classify: `load` is called lazily so a bad file fails only its own result."""
+
+    position: int  # 0-based order in the source
+    name: str  # file path, "camera:0#12", or a sample name
+    load: Callable[[], np.ndarray] = field(repr=False)  # RGB uint8 image, or a model-input tensor
+
+
+@dataclass(frozen=True)
+class Result:
+    """Exactly one per input."""
+
+    position: int
+    input: str
+    where: str  # "cloud" | "local" | "failed"
+    cut: str | None = None
+    codec: str | None = None
+    cut_mode: str = "fixed"  # "fixed" (--cut ID) or "auto" (planner)
+    top5: tuple[tuple[int, str | None, float], ...] = ()  # (class index, name, probability)
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    error: str | None = None  # why it failed, or why it ran locally
+
+    def to_json(self) -> dict[str, object]:
+        d = {k: v for k, v in vars(self).items() if k != "top5"}
+        d["top5"] = [{"index": i, "label": n, "prob": round(p, 5)} for i, n, p in self.top5]
+        d["timings_ms"] = {k: round(v, 3) for k, v in self.timings_ms.items()}
+        return d
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """Behaviour of the loop (the cut and codec come from the CutChoice)."""
+
+    in_flight: int = 4  # most inputs outstanding at once
+    fallback: str = "local"  # "local": compute the tail here; "fail": retry once, then fail
+
+    def __post_init__(self) -> None:
+        if self.fallback not in FALLBACKS:
+            raise UsageError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        if self.in_flight < 1:
+            raise UsageError(f"in-flight must be >= 1, got {self.in_flight}")
+
+
+@dataclass
+class _Work:
+    """An input between its head and its result."""
+
+    item: Input
+    cut: str = ""
+    codec: str = ""
+    frontier: dict[str, np.ndarray] = field(default_factory=dict)
+    payload: bytes = b""
+    t0: float = 0.0  # perf_counter at head start
+    edge_ms: float = 0.0
+    encode_ms: float = 0.0
+    ticket: Ticket | None = None
+    error: EdgecutError | None = None  # submit failed
+    result: Result | None = None  # already final (bad input, edge-only cut)
+    attempts: int = 0
+
+    def settled(self) -> bool:
+        return self.ticket is None or self.ticket.future.done()
+
+
+class Agent:
+    """Runs inputs through head → session → (cloud | local tail), one Result each."""
+
+    def __init__(self, bundle: Bundle, head: Runner, tail: Runner, session: TailSession | None,
+                 choice: CutChoice, options: AgentOptions | None = None) -> None:
+        self.bundle, self.head, self.tail, self.session = bundle, head, tail, session
+        self.choice, self.options = choice, options or AgentOptions()
+        self.labels = bundle.labels()
+        self.interrupted = False  # set when Ctrl-C stopped the source early
+
+    def run(self, inputs: Iterable[Input], emit: Callable[[Result], None]) -> int:
+        """Process every input, emitting results in order; returns how many were emitted.
+
+        Ctrl-C stops reading inputs, finishes the ones already started, and returns normally.
+        """
+        window: deque[_Work] = deque()
+        emitted = 0
+        try:
+            for item in inputs:
+                window.append(self._start(item))
+                while window and (len(window) >= self.options.in_flight or window[0].settled()):
+                    emit(self._finish(window.popleft()))
+                    emitted += 1
+        except KeyboardInterrupt:
+            self.interrupted = True
+            log.warning("interrupted: finishing %d input(s) already started", len(window))
+        while window:
+            emit(self._finish(window.popleft()))
+            emitted += 1
+        return emitted
+
+    def _start(self, item: Input) -> _Work:
+        work = _Work(item)
+        try:
+            feeds = self._prepare(item)
+            if not self.choice.ready:
+                self.choice.calibrate(feeds)
+            work.cut, work.codec = self.choice.current()
+            self._run_head(work, feeds)
+        except EdgecutError as exc:
+            work.result = self._failed(work, str(exc))
+        return work
+
+    def _prepare(self, item: Input) -> dict[str, np.ndarray]:
+        m = self.bundle.manifest
+        data = item.load()
+        if m.preprocess.kind == "image" and data.dtype == np.uint8 and data.ndim == 3:
+            return {m.inputs[0].name: prepare(data, m.preprocess)}
+        spec = m.inputs[0]
+        if tuple(data.shape) != spec.shape or str(data.dtype) != spec.dtype:
+            raise UsageError(f"{item.name}: input is {data.dtype}{list(data.shape)}, the model "
+                             f"needs {spec.dtype}{list(spec.shape)}")
+        return {spec.name: data}
+
+    def _run_head(self, work: _Work, feeds: dict[str, np.ndarray]) -> None:
+        depth = self.bundle.manifest.cut(work.cut).depth
+        work.t0 = time.perf_counter()
+        work.frontier = self.head.run(feeds, 0, depth - 1).outputs if depth else feeds
+        work.edge_ms = (time.perf_counter() - work.t0) * 1e3
+        if depth == len(self.bundle.manifest.segments):  # "output": edge-only, nothing sent
+            work.result = self._done(work, work.frontier, "local", {})
+            return
+        t1 = time.perf_counter()
+        work.payload = self.choice.encode(work.cut, work.codec, work.frontier)
+        self._submit(work)
+        work.encode_ms = (time.perf_counter() - t1) * 1e3
+
+    def _submit(self, work: _Work) -> None:
+        work.attempts += 1
+        work.error = work.ticket = None
+        if self.session is None:
+            work.error = UsageError("no tail service configured")
+            return
+        try:
+            work.ticket = self.session.submit(work.cut, work.payload)
+        except EdgecutError as exc:
+            work.error = exc
+
+    def _finish(self, work: _Work) -> Result:
+        if work.result is not None:
+            return work.result
+        try:
+            if work.error is not None:
+                raise work.error
+            if work.ticket is None or self.session is None:
+                raise UsageError("internal: a request without a ticket")
+            reply = self.session.wait(work.ticket)
+        except EdgecutError as exc:
+            return self._recover(work, exc)
+        return self._from_cloud(work, reply)
+
+    def _recover(self, work: _Work, exc: EdgecutError) -> Result:
+        if self.options.fallback == "local":
+            log.info("%s: cloud failed (%s); computing cut %s locally", work.item.name, exc, work.cut)
+            return self._local(work, str(exc))
+        if is_retryable(exc) and work.attempts < 2:
+            log.info("%s: cloud failed (%s); retrying once with a fresh request id",
+                     work.item.name, exc)
+            self._submit(work)
+            return self._finish(work)
+        return self._failed(work, f"cloud: {exc}")
+
+    def _local(self, work: _Work, why: str) -> Result:
+        t0 = time.perf_counter()
+        depth = self.bundle.manifest.cut(work.cut).depth
+        outputs = self.tail.run(work.frontier, depth, len(self.bundle.manifest.segments) - 1).outputs
+        local_ms = (time.perf_counter() - t0) * 1e3
+        return self._done(work, outputs, "local", {"local_tail_ms": local_ms}, error=why)
+
+    def _from_cloud(self, work: _Work, reply: Reply) -> Result:
+        t0 = time.perf_counter()
+        outputs = codec.decode(reply.payload, self.bundle.manifest.outputs)
+        answer_ms = (reply.received - work.t0) * 1e3
+        # Not "now - t0": in-order emission may have kept this answer waiting behind another.
+        total_ms = answer_ms + (time.perf_counter() - t0) * 1e3
+        wire_ms = (reply.received - reply.wire_start) * 1e3 - reply.timings.total_ms
+        self.choice.observe(reply, wire_ms)
+        t = reply.timings
+        timings = {"encode_ms": work.encode_ms, "wire_ms": wire_ms, "server_queue_ms": t.queue_ms,
+                   "server_decode_ms": t.decode_ms, "server_compute_ms": t.compute_ms,
+                   "server_encode_ms": t.encode_ms, "server_ms": t.total_ms,
+                   "answer_ms": answer_ms}
+        result = self._done(work, outputs, "cloud", timings, total_ms=total_ms)
+        return replace(result, bytes_up=reply.bytes_up, bytes_down=reply.bytes_down)
+
+    def _done(self, work: _Work, outputs: Mapping[str, np.ndarray], where: str,
+              timings: Mapping[str, float], *, total_ms: float | None = None,
+              error: str | None = None) -> Result:
+        logits = np.asarray(outputs[self.bundle.manifest.outputs[0].name], np.float32).reshape(-1)
+        total = (time.perf_counter() - work.t0) * 1e3 if total_ms is None else total_ms
+        return Result(work.item.position, work.item.name, where, work.cut, work.codec,
+                      self.choice.mode, top5(logits, self.labels),
+                      {"edge_ms": work.edge_ms, **timings, "total_ms": total}, error=error)
+
+    def _failed(self, work: _Work, why: str) -> Result:
+        log.warning("%s: %s", work.item.name, why)
+        return Result(work.item.position, work.item.name, "failed", work.cut or None,
+                      work.codec or None, self.choice.mode, error=why)
+
+
+def top5(logits: np.ndarray, labels: list[str] | None) -> tuple[tuple[int, str | None, float], ...]:
+    """The five most likely classes with softmax probabilities (names when the bundle has them)."""
+    z = np.exp(logits - logits.max())
+    probs = z / z.sum()
+    best = np.argsort(-probs)[:5]
+    return tuple((int(i), labels[i] if labels and i < len(labels) else None, float(probs[i]))
+                 for i in best)
+
+
+def image_input(position: int, name: str, image: np.ndarray) -> Input:
+    """An in-memory image as an Input (demo, tests, video frames)."""
+    return Input(position, name, lambda: image)
+
+
+def file_input(position: int, path: str) -> Input:
+    """A file path as an Input: `.npy` holds a model-input tensor, anything else an image."""
+    p = Path(path)
+    if p.suffix.lower() == ".npy":
+        return Input(position, path, lambda: _load_npy(p))
+    return Input(position, path, lambda: load_image(p))
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: not a readable .npy tensor ({exc.__class__.__name__})") from None

@@ -1,0 +1,160 @@
+"""Runtimes for the edge: run any consecutive range of a bundle's segments on this device.
+
+The edge runs segments 1..k (the head) for every request and, when the cloud cannot answer,
+segments k+1..N (the local fallback tail). Loading every segment once and running an arbitrary
+range is what lets the agent move its cut at run time without reloading anything.
+
+Two runtimes sit behind one interface: ONNX Runtime over the `.onnx` segments (execution providers
+configurable: XNNPACK/CPU on ARM boards, CUDA/TensorRT on a Jetson) and LiteRT (`ai-edge-litert`)
+over `.tflite` conversions of the same segments, where the bundle ships them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgecut.bundle import Bundle, Segment
+from edgecut.errors import BundleError, DependencyError, UsageError
+from edgecut.runtime import OrtOptions, make_session
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("ort", "litert")
+
+
+@dataclass(frozen=True)
+class SegmentRun:
+    """What running a range of segments produced."""
+
+    outputs: dict[str, np.ndarray]  # the last segment's outputs, i.e. the frontier at its end cut
+    timings_ms: tuple[float, ...]  # wall time of each segment run, in order
+
+
+class Runner(Protocol):
+    """Runs segments `first..last` (0-based indices into `manifest.segments`, inclusive)."""
+
+    name: str  # e.g. "ort[cpu]x4", for logs and profiles
+
+    def run(self, feeds: Mapping[str, np.ndarray], first: int, last: int) -> SegmentRun: ...
+
+
+def _chain(feeds: Mapping[str, np.ndarray], steps: Sequence[Any]) -> SegmentRun:
+    """Feed each step the tensors computed so far; steps are `(dict) -> dict` callables."""
+    env = dict(feeds)
+    out: dict[str, np.ndarray] = dict(feeds)
+    timings = []
+    for step in steps:
+        t0 = time.perf_counter()
+        out = step(env)
+        timings.append((time.perf_counter() - t0) * 1e3)
+        env.update(out)
+    return SegmentRun(out, tuple(timings))
+
+
+def _check_range(n: int, first: int, last: int) -> None:
+    if not 0 <= first <= last + 1 <= n:
+        raise UsageError(f"segment range {first}..{last} is outside 0..{n - 1}")
+
+
+class OrtRunner:
+    """ONNX Runtime sessions for every segment of a bundle (thread-safe: ORT sessions are)."""
+
+    def __init__(self, bundle: Bundle, options: OrtOptions | None = None) -> None:
+        options = options or OrtOptions()
+        self.name = f"ort[{','.join(options.providers)}]x{options.threads or 'auto'}"
+        self._sessions = [make_session(bundle.path(s.file), options)
+                          for s in bundle.manifest.segments]
+        self._outputs = [[o.name for o in sess.get_outputs()] for sess in self._sessions]
+        self._inputs = [[i.name for i in sess.get_inputs()] for sess in self._sessions]
+
+    def run(self, feeds: Mapping[str, np.ndarray], first: int, last: int) -> SegmentRun:
+        _check_range(len(self._sessions), first, last)
+        return _chain(feeds, [self._step(i) for i in range(first, last + 1)])
+
+    def _step(self, i: int) -> Any:
+        sess, inputs, outputs = self._sessions[i], self._inputs[i], self._outputs[i]
+
+        def step(env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            values = sess.run(outputs, {name: env[name] for name in inputs})
+            return dict(zip(outputs, values, strict=True))
+
+        return step
+
+
+def _interpreter_class() -> Any:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ModuleNotFoundError as exc:
+        raise DependencyError("the LiteRT runtime (ai-edge-litert) is not installed",
+                              hint='pip install "edgecut[litert]"') from exc
+    return Interpreter
+
+
+def tflite_path(bundle: Bundle, segment: Segment) -> Path:
+    """The `.tflite` beside a segment; it must be listed (hash-verified) in the manifest."""
+    rel = str(Path(segment.file).with_suffix(".tflite"))
+    if rel not in bundle.manifest.files:
+        raise BundleError(f"bundle '{bundle.name}' has no LiteRT conversion of {segment.file} "
+                          f"({rel} not in the manifest)",
+                          hint="convert with `edgecut partition --tflite`, or use --runtime ort")
+    return bundle.path(rel)
+
+
+class LiteRtRunner:
+    """LiteRT interpreters over `.tflite` segments; tensors are matched by position.
+
+    Converters rename tensors, so the manifest's segment input/output order is the contract.
+    Interpreters are not thread-safe; the agent runs the head from one thread only.
+    """
+
+    def __init__(self, bundle: Bundle, threads: int = 0) -> None:
+        interpreter = _interpreter_class()
+        self.name = f"litert x{threads or 'auto'}"
+        self._segments = bundle.manifest.segments
+        self._interpreters: dict[int, Any] = {}
+        for i, seg in enumerate(self._segments):
+            if str(Path(seg.file).with_suffix(".tflite")) in bundle.manifest.files:
+                it = interpreter(model_path=str(tflite_path(bundle, seg)), num_threads=threads or None)
+                it.allocate_tensors()
+                self._interpreters[i] = it
+        if not self._interpreters:
+            tflite_path(bundle, self._segments[0])  # raises the explanatory BundleError
+
+    def covers(self, first: int, last: int) -> bool:
+        """Whether every segment in first..last has a LiteRT conversion."""
+        return all(i in self._interpreters for i in range(first, last + 1))
+
+    def run(self, feeds: Mapping[str, np.ndarray], first: int, last: int) -> SegmentRun:
+        _check_range(len(self._segments), first, last)
+        if not self.covers(first, last):
+            raise BundleError(f"segments {first + 1}..{last + 1} are not all converted to LiteRT; "
+                              "choose a cut whose head is converted, or use --runtime ort")
+        return _chain(feeds, [self._step(i) for i in range(first, last + 1)])
+
+    def _step(self, i: int) -> Any:
+        it, seg = self._interpreters[i], self._segments[i]
+
+        def step(env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            for detail, name in zip(it.get_input_details(), seg.inputs, strict=True):
+                it.set_tensor(detail["index"], np.ascontiguousarray(env[name], detail["dtype"]))
+            it.invoke()
+            outs = it.get_output_details()
+            return {name: it.get_tensor(d["index"]) for d, name in zip(outs, seg.outputs, strict=True)}
+
+        return step
+
+
+def make_runner(bundle: Bundle, runtime: str, options: OrtOptions) -> Runner:
+    """The head runtime by name; the local fallback tail always uses ORT (tails are not converted)."""
+    if runtime == "ort":
+        return OrtRunner(bundle, options)
+    if runtime == "litert":
+        return LiteRtRunner(bundle, options.threads)
+    raise UsageError(f"unknown runtime '{runtime}' (use {', '.join(RUNTIMES)})")
