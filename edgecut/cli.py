@@ -59,7 +59,8 @@ def _setup_logging(verbose: bool) -> None:
 def _stderr_console() -> Any:
     from rich.console import Console
 
-    return Console(stderr=True)
+    console = Console(stderr=True)
+    return console if console.is_terminal else Console(stderr=True, width=150)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
