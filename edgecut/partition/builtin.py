@@ -76,7 +76,4 @@ def _import(dist: str, module: str | None = None) -> Any:
     try:
         return importlib.import_module(module or dist.replace("-", "_"))
     except ModuleNotFoundError as exc:
-        raise DependencyError(
-            f"{dist} is not installed",
-            hint='install the partition extra: pip install "edgecut[partition]"',
-        ) from exc
+        raise DependencyError(f"{dist} is not installed", hint=f"pip install {dist}") from exc

@@ -137,3 +137,41 @@ def test_constants_never_cross_a_cut(tmp_path: Path, old_style: bool) -> None:
     assert crossing <= {"x", "h1", "h2", "h3", "y"}
     assert [s.name for s in analysis.inputs] == ["x"]
     _check_every_cut(path, tmp_path / "b")
+
+
+FACTORY = '''
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.b = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).mean(dim=(2, 3)))
+
+def make():
+    torch.manual_seed(0)
+    return Net().eval(), torch.randn(1, 3, 8, 8)
+'''
+
+
+def test_torch_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "userpkg_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = load_model("userpkg_factory:make")
+    assert loaded.name == "make"
+    bundle = partition(loaded, tmp_path / "b")
+    assert bundle.manifest.inputs[0].shape == (1, 3, 8, 8)
+    assert bundle.manifest.verification["relative_diff"] <= 1e-4
+
+
+def test_external_data_model(tmp_path: Path) -> None:
+    """Weights stored beside the graph (as large models are) load and segment normally."""
+    path = _save_torch(Residual(), tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+    assert (tmp_path / "ext.onnx.data").stat().st_size > 1000
+    _check_every_cut(tmp_path / "ext.onnx", tmp_path / "b")
