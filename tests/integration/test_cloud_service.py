@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import EdgeClient, ServerHandle, Stream, with_version
 
 from edgecut import codec
 from edgecut.bundle import Bundle
@@ -28,7 +29,6 @@ from edgecut.cloud.executor import OrtExecutor
 from edgecut.keys import KeyPaths, generate_keys, key_id, load_service_public
 from edgecut.runtime import OrtOptions
 from edgecut.v1 import edgecut_pb2 as pb
-from tests.integration.conftest import EdgeClient, ServerHandle, Stream, with_version
 
 OK = 0
 CODE = {s.name: s.value[0] for s in grpc.StatusCode}
