@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
-from edgecut.errors import UsageError
+from edgecut.errors import DependencyError, UsageError
 from edgecut.partition.cuts import DEFAULT_MAX_CUTS
 
 
@@ -24,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sign", type=Path, metavar="KEY", help="Ed25519 signing key (edgecut keys gen)")
     p.add_argument("--calibrate", metavar="DIR|builtin",
                    help="calibrate codecs and measure fidelity on photos (builtin = scikit-image)")
+    p.add_argument("--tflite", action="store_true",
+                   help="also convert edge-side segments to LiteRT (.tflite); needs litert-torch")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -35,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out.exists() and not args.force:
         raise UsageError(f"output directory '{args.out}' exists (use --force to replace it)")
+    if args.tflite and importlib.util.find_spec("litert_torch") is None:
+        raise DependencyError("--tflite needs the LiteRT converter (litert-torch), not installed",
+                              hint="pip install litert-torch && pip install --no-deps onnx2torch")
     key = None
     if args.sign is not None:
         from edgecut.keys import load_signing_private
@@ -49,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
         from edgecut.partition.calibrate import calibrate_bundle
 
         bundle = calibrate_bundle(bundle, args.calibrate, signing_key=key)
+    if args.tflite:
+        from edgecut.partition.tflite import convert_bundle
+
+        bundle = convert_bundle(bundle, signing_key=key)
     v = bundle.manifest.verification
     if args.json:
         print(json.dumps({"bundle": str(args.out), "cuts": len(bundle.manifest.cuts),

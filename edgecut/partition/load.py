@@ -155,4 +155,14 @@ def export_torch(module: Any, example: tuple[Any, ...], label: str) -> onnx.Mode
         log.debug("exporter output for %s:\n%s", label, chatter.getvalue())
     if program is None:
         raise ModelLoadError(f"torch model '{label}' exported to nothing")
-    return program.model_proto
+    return _reproducible(program.model_proto)
+
+
+def _reproducible(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop exporter stack traces: they hold absolute paths, so hashes would differ per venv."""
+    for node in model.graph.node:
+        node.doc_string = ""
+        keep = [p for p in node.metadata_props if "stack_trace" not in p.key]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+    return model
