@@ -24,7 +24,7 @@ element x is sent as code q = round((x - offset) / scale), clipped to 0..L, and 
 offset + scale·q: int8 L = 255, int6 L = 63 (one byte a code), int4 L = 15 (two codes a byte, even
 element in the low nibble, an odd count padded with a zero nibble). int6 exists for zstd: zstd
 codes these bytes at their entropy, so fewer levels means fewer bytes without bit packing.
-P = dim[1] per-channel (granularity channel, rank ≥ 2), else P = 1; P = 0 for none/fp16/jpeg.
+P = dim[1] per-channel (granularity channel, rank ≥ 3), else P = 1; P = 0 for none/fp16/jpeg.
 `jpeg` frames carry one image tensor, see `edgecut.jpeg`.
 
 The header is validated in full before anything is allocated or decompressed: every length must add
@@ -533,7 +533,9 @@ def _scheme_of(frame_scheme: str, dtype: str) -> str:
 
 
 def _param_count(granularity: str, shape: tuple[int, ...]) -> int:
-    return shape[1] if granularity == "channel" and len(shape) >= 2 else 1
+    # A range per channel pays 8 header bytes per channel; only worth it when each channel has
+    # spatial extent (rank ≥ 3). A (N, C) vector would carry one range per value.
+    return shape[1] if granularity == "channel" and len(shape) >= 3 else 1
 
 
 def _per_channel(params: np.ndarray, rank: int) -> np.ndarray:

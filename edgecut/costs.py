@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from edgecut.bundle import Bundle, Manifest
 from edgecut.planner import CutCost
-from edgecut.profile import Profile
+from edgecut.profile import CodecTiming, Profile
 
 SEAL_OVERHEAD_BYTES = 89 + 64  # HPKE enc + tag + plaintext header, plus Frame fields
 BITS = {"none": 32, "fp16": 16, "int8": 8, "int6": 8, "int4": 4, "jpeg": 1}
@@ -50,10 +50,11 @@ def cut_costs(bundle: Bundle, edge: Profile, cloud: CloudTimes,
             continue
         cloud_ms = sum(cloud.segment_ms.get(segment_name(s.file), 0.0) for s in m.tail(cut.id))
         for codec in _codecs_for(m, cut.id, codecs):
-            bytes_up, drop = _bytes_and_drop(m, cut.id, codec)
-            encode_ms = _encode_ms(edge, cut.id, codec)
+            timing = _codec_timing(edge, cut.id, codec)
+            bytes_up, drop = _bytes_and_drop(m, cut.id, codec, timing)
+            encode_ms = timing.encode_ms if timing else 0.0
             costs.append(CutCost(cut.id, cut.depth, codec, edge_ms, encode_ms, cloud.decode_ms,
-                                 bytes_up + SEAL_OVERHEAD_BYTES, down, cloud_ms, mem, drop))
+                                 bytes_up, down, cloud_ms, mem, drop))
     return costs
 
 
@@ -76,18 +77,22 @@ def _same_codec(a: str, b: str) -> bool:
     return str(CodecSpec.parse(a)) == str(CodecSpec.parse(b))
 
 
-def _bytes_and_drop(m: Manifest, cut_id: str, codec: str) -> tuple[int, float]:
+def _bytes_and_drop(m: Manifest, cut_id: str, codec: str,
+                    timing: CodecTiming | None) -> tuple[int, float]:
+    """Sealed request bytes and accuracy drop: fidelity report (real photos) first, then the
+    profile's measurement (one synthetic input, already sealed), then an estimate."""
     row = _fidelity(m, cut_id, codec)
+    drop = max(0.0, 1.0 - float(str(row["agreement"]))) if row is not None else 0.0
     if row is not None:
-        return int(float(str(row["bytes"]))), max(0.0, 1.0 - float(str(row["agreement"])))
+        return int(float(str(row["bytes"]))) + SEAL_OVERHEAD_BYTES, drop
+    if timing is not None:
+        return timing.bytes_, drop
     scheme = codec.split("-")[0].rstrip("0123456789") if codec.startswith("jpeg") else \
         codec.split("-")[0]
     elems = sum(t.numel for t in m.cut(cut_id).frontier)
-    return elems * BITS.get(scheme, 32) // 8, 0.0
+    return elems * BITS.get(scheme, 32) // 8 + SEAL_OVERHEAD_BYTES, drop
 
 
-def _encode_ms(edge: Profile, cut_id: str, codec: str) -> float:
-    for c in edge.codecs:
-        if c.cut == cut_id and _same_codec(c.codec, codec):
-            return c.encode_ms
-    return 0.0
+def _codec_timing(edge: Profile, cut_id: str, codec: str) -> CodecTiming | None:
+    return next((c for c in edge.codecs if c.cut == cut_id and _same_codec(c.codec, codec)),
+                None)

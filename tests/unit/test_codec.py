@@ -28,6 +28,8 @@ from edgecut.errors import CodecError, FrameTooLargeError, UsageError
 
 SPEC = [TensorSpec("x", (1, 3), "float32")]
 X = {"x": np.array([[0.0, 0.5, 1.0]], np.float32)}
+SPEC3 = [TensorSpec("x", (1, 3, 1), "float32")]  # rank 3: ranges per channel apply
+X3 = {"x": X["x"].reshape(1, 3, 1)}
 NORM = ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -172,16 +174,17 @@ def test_golden_bytes_int8_per_tensor() -> None:
 
 
 def test_golden_bytes_int4_per_channel_with_an_int64_passenger() -> None:
-    specs = [*SPEC, TensorSpec("i", (1,), "int64")]
-    payload = encode({**X, "i": np.array([7])}, specs, CodecSpec.parse("int4-channel-z0"))
+    specs = [*SPEC3, TensorSpec("i", (1,), "int64")]
+    payload = encode({**X3, "i": np.array([7])}, specs, CodecSpec.parse("int4-channel-z0"))
     assert payload.hex() == (
         "4543463101030100"
         "00000000"
         "0200"  # magic, v1, int4, channel, no zstd, dict 0, 2 tensors
         "0178"
-        "0002"
+        "0003"
         "01000000"
-        "03000000"  # "x", float32, (1, 3)
+        "03000000"
+        "01000000"  # "x", float32, (1, 3, 1)
         "000000000000000000000000"
         "000000000000003f0000803f"
         "02000000"  # scales, offsets, 2 bytes
@@ -195,7 +198,7 @@ def test_golden_bytes_int4_per_channel_with_an_int64_passenger() -> None:
 
 
 def test_header_of_describes_the_frame() -> None:
-    payload = encode(X, SPEC, CodecSpec.parse("int8-channel-z3"))
+    payload = encode(X3, SPEC3, CodecSpec.parse("int8-channel-z3"))
     header = header_of(payload)
     assert (header.scheme, header.granularity, header.zstd, header.dict_id) == (
         "int8",
@@ -204,6 +207,8 @@ def test_header_of_describes_the_frame() -> None:
         0,
     )
     assert header.tensors[0].scale.shape == (3,) and header.decoded_bytes == 12
+    vector = header_of(encode(X, SPEC, CodecSpec.parse("int8-channel-z3")))
+    assert vector.tensors[0].scale.shape == (1,)  # (N, C): one range, not one per value
     assert header.header_bytes + header.body_bytes == len(payload)
 
 
