@@ -1,0 +1,251 @@
+"""Measure: for every link setting, every grid cell and the optimizer's choice, N real requests.
+
+The pipeline is the product's own: the edge agent (head runner, codec, HPKE seal, the gRPC
+session) in this process, a `LinkEmulator` proxy in front of a real tail service, one request in
+flight at a time so no request waits behind another. The optimizer's choice for a link is planned
+from the edge profile, the service's own tail profile and the *set* link, then run as a separate
+run of its own — never read off the grid — and its (cut, codec) is added to that link's grid when
+the grid lacks it, so the oracle (best measured grid cell) always had the chance to be it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+
+from edgecut.bundle import Bundle, load_bundle
+from edgecut.costs import cut_costs
+from edgecut.edge.agent import Agent, AgentOptions, Result, image_input
+from edgecut.edge.cutchoice import FixedCut
+from edgecut.edge.pacing import PacedRunner
+from edgecut.edge.runner import OrtRunner, Runner
+from edgecut.edge.session import SessionConfig, TailSession
+from edgecut.images import prepare
+from edgecut.keys import load_service_public
+from edgecut.netem import LinkConfig, ThreadedLinkEmulator, parse_address
+from edgecut.planner import CutCost, LinkEstimate, Plan, plan
+from edgecut.profile import Profile
+from edgecut.runtime import OrtOptions
+from edgecut.sweep import cloud, config
+from edgecut.sweep.records import Cell, Link, Measurement, RunInfo
+
+log = logging.getLogger(__name__)
+
+DEADLINE_MS = 120_000  # per request: a 0.5 Mbit/s link takes seconds for a shallow frontier
+CHUNK_S = 0.004  # emulator bucket depth in seconds of the link rate (one paced chunk)
+MIN_BURST_BYTES = 1500  # but never below one MTU
+
+
+@dataclass(frozen=True)
+class LinkPlan:
+    """What one link setting runs: its grid cells, then the optimizer's choice."""
+
+    link: Link
+    plan: Plan
+    cells: tuple[Cell, ...]  # grid cells, then the auto cell last
+
+    def predicted_ms(self, cell: Cell) -> float:
+        row = self.plan.row(cell.cut, _cost_codec(self.plan, cell))
+        return row.predicted_ms if row is not None else math.nan
+
+
+Tick = Callable[[str], None]  # called once per request with a description of the run
+
+
+@dataclass
+class _Edge:
+    """The edge side, built once: bundle, runners, inputs and the unsplit model's answers."""
+
+    bundle: Bundle
+    head: Runner
+    tail: Runner
+    photos: list[tuple[str, np.ndarray]]
+    reference: list[int]  # top-1 of the unsplit model per photo
+    mode: str
+    machine: str
+
+
+def run_sweep(cfg: config.SweepConfig, start: Callable[[int], None], tick: Tick,
+              ) -> tuple[RunInfo, list[Measurement]]:
+    """Validate, spawn or reach the tail, measure everything; `start(total)` once, then `tick`."""
+    started, t0 = _now(), time.perf_counter()
+    links = cfg.links()
+    config.check_codecs(cfg.codecs)
+    bundle = load_bundle(cfg.bundle)
+    m = bundle.manifest
+    profile, profile_path = config.resolve_profile(bundle, cfg.edge_profile)
+    base = config.grid(m, config.inner_cuts(m, cfg.cuts), cfg.codecs)
+    edge = _edge(bundle, cfg, profile)
+    with cloud.endpoint(bundle, cfg.cloud, cfg.server_key, cfg.cloud_threads) as ep:
+        info = cloud.tail_info(ep.address, m.model, m.version)
+        costs = cut_costs(bundle, profile, info.times, cfg.codecs)
+        plans = [_plan_link(link, costs, info.queue_delay_ms, base) for link in links]
+        start(sum(len(p.cells) for p in plans) * (cfg.warmup + cfg.requests))
+        load = [os.getloadavg()[0]]
+        rows = _measure_all(plans, edge, ep, cfg, tick, load)
+    run = RunInfo(
+        command=cfg.command(), started_at=started, wall_s=round(time.perf_counter() - t0, 1),
+        machine=edge.machine, mode=edge.mode, bundle=str(cfg.bundle),
+        model=f"{m.model}:{m.version}", manifest_sha256=bundle.manifest_sha256,
+        edge_profile={"path": str(profile_path), "device": profile.device, "mode": profile.mode,
+                      "scale": profile.scale, "source": profile.source,
+                      "threads": profile.threads},
+        edge_runtime=edge.head.name,
+        cloud={"address": ep.address, "spawned": ep.spawned, "device": info.device,
+               "threads": ep.threads, "max_queue_delay_ms": 0 if ep.spawned else None},
+        link_emulator="edgecut.netem user-space TCP proxy on 127.0.0.1, symmetric token bucket "
+                      f"(depth {CHUNK_S * 1e3:g} ms of the rate, >= {MIN_BURST_BYTES} B), "
+                      "RTT/2 added each way",
+        warmup=cfg.warmup, requests=cfg.requests,
+        load_1min=tuple(round(x, 2) for x in [*load, os.getloadavg()[0]]))
+    return run, rows
+
+
+def _edge(bundle: Bundle, cfg: config.SweepConfig, profile: Profile) -> _Edge:
+    ort = OrtRunner(bundle, OrtOptions(threads=cfg.edge_threads))
+    n = len(bundle.manifest.segments)
+    photos = config.load_inputs(cfg.images)
+    reference = []
+    for _, image in photos:
+        feeds = {bundle.manifest.inputs[0].name: prepare(image, bundle.manifest.preprocess)}
+        logits = ort.run(feeds, 0, n - 1).outputs[bundle.manifest.outputs[0].name]
+        reference.append(int(np.argmax(logits)))
+    head: Runner = PacedRunner(ort, bundle, profile) if cfg.pace else ort
+    mode = f"paced:{profile.device}" if cfg.pace else "live"
+    return _Edge(bundle, head, ort, photos, reference, mode, machine())
+
+
+def _plan_link(link: Link, costs: Sequence[CutCost], queue_ms: float,
+               base: Sequence[Cell]) -> LinkPlan:
+    estimate = LinkEstimate(link.bandwidth_bps, link.bandwidth_bps, link.rtt_ms, queue_ms)
+    chosen = plan(costs, estimate)
+    c = chosen.chosen.cost
+    auto = Cell(c.cut, "none" if c.edge_only else c.codec, "auto")
+    cells = list(base)
+    if Cell(auto.cut, auto.codec) not in cells:
+        cells.insert(-1, Cell(auto.cut, auto.codec))
+    log.info("%s: optimizer chooses %s (%.1f ms predicted)", link.label, auto.label,
+             chosen.chosen.predicted_ms)
+    return LinkPlan(link, chosen, (*cells, auto))
+
+
+def _measure_all(plans: Sequence[LinkPlan], edge: _Edge, ep: cloud.Endpoint,
+                 cfg: config.SweepConfig, tick: Tick, load: list[float]) -> list[Measurement]:
+    """One emulator for the whole sweep, re-tuned per link; one fresh session per link.
+
+    `load` gets the 1-minute load average at each link's start: on a shared machine it says how
+    much other work competed for the CPUs while these figures were taken.
+    """
+    rows: list[Measurement] = []
+    emulator = ThreadedLinkEmulator(parse_address(ep.address), _link_config(plans[0].link))
+    with emulator as (host, port):
+        for lp in plans:
+            load.append(os.getloadavg()[0])
+            emulator.set_config(_link_config(lp.link))
+            session = TailSession(SessionConfig(
+                f"{host}:{port}", load_service_public(ep.server_pub), edge.bundle.manifest.model,
+                edge.bundle.manifest.version, deadline_ms=DEADLINE_MS,
+                connect_timeout_ms=DEADLINE_MS))
+            session.connect()
+            try:
+                rows += _measure_link(lp, edge, session, cfg, tick)
+            finally:
+                session.close()
+    return rows
+
+
+def _link_config(link: Link) -> LinkConfig:
+    """Bucket depth of one paced chunk: bursts stay small, so bytes/bandwidth holds for frames."""
+    burst = max(MIN_BURST_BYTES, int(link.bandwidth_bps / 8 * CHUNK_S))
+    return LinkConfig(link.bandwidth_bps, link.bandwidth_bps, link.rtt_ms, burst_bytes=burst)
+
+
+def _measure_link(lp: LinkPlan, edge: _Edge, session: TailSession, cfg: config.SweepConfig,
+                  tick: Tick) -> list[Measurement]:
+    """warm-up + timed rounds; each round sends the same photo once through every run.
+
+    Interleaving rounds (and rotating which run goes first) spreads any slow spell of a shared
+    machine over all runs of the link alike, instead of landing on whichever run was measuring
+    then. Each run keeps its own agent, so auto is still measured on its own requests.
+    """
+    runs = [_CellRun(lp, cell, edge, session, cfg.warmup) for cell in lp.cells]
+    n = len(edge.photos)
+    for i in range(cfg.warmup + cfg.requests):
+        name, image = edge.photos[i % n]
+        k = i % len(runs)
+        for run in runs[k:] + runs[:k]:
+            run.agent.run([image_input(i, name, image)], run.emit)
+            tick(run.what)
+    return [row for run in runs for row in sorted(run.rows, key=lambda r: r.request)]
+
+
+class _CellRun:
+    """One run: a FixedCut agent for the cell and the rows its timed requests produced."""
+
+    def __init__(self, lp: LinkPlan, cell: Cell, edge: _Edge, session: TailSession,
+                 warmup: int) -> None:
+        self.lp, self.cell, self.edge, self.warmup = lp, cell, edge, warmup
+        self.agent = Agent(edge.bundle, edge.head, edge.tail, session,
+                           FixedCut(edge.bundle, cell.cut, cell.codec),
+                           AgentOptions(in_flight=1, fallback="fail"))
+        self.what = f"{lp.link.label} {cell.label}" + (" (auto)" if cell.role == "auto" else "")
+        self.predicted = lp.predicted_ms(cell)
+        self.rows: list[Measurement] = []
+
+    def emit(self, result: Result) -> None:
+        if result.position >= self.warmup:
+            ref = self.edge.reference[result.position % len(self.edge.photos)]
+            self.rows.append(_row(self.lp.link, self.cell, result, result.position - self.warmup,
+                                  ref, self.predicted, self.edge))
+
+
+def _row(link: Link, cell: Cell, r: Result, index: int, reference: int, predicted: float,
+         edge: _Edge) -> Measurement:
+    t = r.timings_ms
+    nan = math.nan
+    total = t.get("total_ms", nan)
+    return Measurement(
+        bandwidth=link.bandwidth, bandwidth_bps=link.bandwidth_bps, rtt_ms=link.rtt_ms,
+        role=cell.role, cut=cell.cut, codec=cell.codec, request=index, input=r.input,
+        where=r.where, mode=edge.mode, machine=edge.machine, at=_now(),
+        edge_ms=t.get("edge_ms", nan), encode_ms=t.get("encode_ms", 0.0),
+        wire_ms=t.get("wire_ms", 0.0), server_queue_ms=t.get("server_queue_ms", 0.0),
+        server_decode_ms=t.get("server_decode_ms", 0.0),
+        server_compute_ms=t.get("server_compute_ms", 0.0),
+        server_encode_ms=t.get("server_encode_ms", 0.0),
+        decode_ms=total - t["answer_ms"] if "answer_ms" in t else 0.0, total_ms=total,
+        bytes_up=r.bytes_up, bytes_down=r.bytes_down,
+        top1=r.top5[0][0] if r.top5 else -1, top1_reference=reference,
+        predicted_ms=predicted, error=r.error or "")
+
+
+def _cost_codec(p: Plan, cell: Cell) -> str:
+    """The planner names the edge-only option's codec "-"; the agent calls it "none"."""
+    if cell.cut == p.rows[-1].cost.cut and cell.codec == "none":
+        return p.rows[-1].cost.codec
+    return cell.codec
+
+
+def machine() -> str:
+    """This machine in one line: host, CPU model, cores, OS."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {platform.system()} "
+            f"{platform.release()}")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
