@@ -1,10 +1,11 @@
 """The activation codec: frontier tensors ↔ bytes, by quantizing and then compressing.
 
-Sealing happens later (sealed bytes do not compress). Ranges for the affine quantizers are
-calibrated per cut at partition time (`Calibration`); values outside them are clipped, which is the
-point: a few outliers must not stretch the scale for everything else. A frame carries everything
-needed to decode it, and the decoder checks it against the cut's expected tensors (`TensorSpec`s):
-the batch axis 0 may be any N ≥ 1, every other dim and the dtype must match.
+Sealing happens later (sealed bytes do not compress). This module owns the wire format; the
+quantization math (calibrated ranges, scales, rounding, nibble packing) lives in `edgecut.quantize`,
+and `Calibration` is re-exported here for callers that know it as `codec.Calibration`. A frame
+carries everything needed to decode it, and the decoder checks it against the cut's expected
+tensors (`TensorSpec`s): the batch axis 0 may be any N ≥ 1, every other dim and the dtype must
+match.
 
 Wire format, version 1 (all integers little-endian, no padding):
 
@@ -46,6 +47,16 @@ import zstandard
 from edgecut import jpeg
 from edgecut.bundle import TensorSpec
 from edgecut.errors import CodecError, FrameTooLargeError, UsageError
+from edgecut.quantize import (
+    LEVELS,
+    Calibration,
+    affine_params,
+    pack4,
+    param_count,
+    per_channel,
+    quantize,
+    unpack4,
+)
 
 MAGIC = b"ECF1"
 VERSION = 1
@@ -55,7 +66,6 @@ WIRE_DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 DEFAULT_MAX_BYTES = 64 << 20
 MAX_TENSORS = 1024
 MAX_RANK = 8
-_LEVELS = {"int8": 255, "int6": 63, "int4": 15}  # highest code of each affine quantizer
 _ZSTD = 1  # flags bit
 _FIXED = struct.Struct("<4sBBBBIH")
 _NAME_LEN = struct.Struct("<B")
@@ -107,61 +117,8 @@ class CodecSpec:
         """The canonical text form, which `parse` reads back."""
         if self.scheme == "jpeg":
             return f"jpeg{self.jpeg_quality}"
-        granularity = f"-{self.granularity}" if self.scheme in _LEVELS else ""
+        granularity = f"-{self.granularity}" if self.scheme in LEVELS else ""
         return f"{self.scheme}{granularity}-z{self.zstd_level}"
-
-
-@dataclass(frozen=True, eq=False)
-class Calibration:
-    """Quantization ranges per tensor, computed offline and stored in the bundle manifest.
-
-    `ranges[name] = (lo, hi)`: float32 arrays of shape (), or (C,) for a range per channel (axis 1).
-    """
-
-    ranges: Mapping[str, tuple[np.ndarray, np.ndarray]]
-
-    def __post_init__(self) -> None:
-        checked = {}
-        for name, (lo, hi) in self.ranges.items():
-            lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
-            if lo.shape != hi.shape or lo.ndim > 1 or not np.all(np.isfinite(lo) & (lo <= hi)):
-                raise CodecError(f"calibration of {name!r}: need finite lo <= hi of shape () or (C,)")
-            checked[name] = (lo, hi)
-        object.__setattr__(self, "ranges", checked)
-
-    def to_json(self) -> dict[str, Any]:
-        return {name: {"lo": lo.tolist(), "hi": hi.tolist()} for name, (lo, hi) in self.ranges.items()}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Calibration:
-        try:
-            return cls({name: (entry["lo"], entry["hi"]) for name, entry in data.items()})
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise CodecError(f"calibration: malformed entry ({error!r})") from None
-
-    @classmethod
-    def from_samples(
-        cls, samples: Sequence[Mapping[str, np.ndarray]], percentile: float = 99.99
-    ) -> Calibration:
-        """Ranges from sample activations: per channel (axis 1) for rank ≥ 2, else per tensor.
-
-        The range is the [100 - percentile, percentile] percentile band, so rare outliers are
-        clipped rather than coarsening every other value; percentile=100 gives plain min/max.
-        """
-        if not samples or not 50 < percentile <= 100:
-            raise UsageError("calibration needs at least one sample and 50 < percentile <= 100")
-        ranges = {}
-        for name, first in samples[0].items():
-            if np.asarray(first).dtype.kind != "f":
-                continue
-            try:
-                x = np.concatenate([np.asarray(s[name], np.float32) for s in samples])
-            except (KeyError, ValueError) as error:
-                raise CodecError(f"calibration samples of {name!r} disagree: {error}") from None
-            rows = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1) if x.ndim >= 2 else x.reshape(-1)
-            lo, hi = np.percentile(rows, [100 - percentile, percentile], axis=-1)
-            ranges[name] = (lo, hi)
-        return cls(ranges)
 
 
 @dataclass(frozen=True, eq=False)
@@ -210,7 +167,7 @@ def encode(
     ranges = calibration.ranges if calibration else {}
     for spec, x in zip(specs, arrays, strict=True):
         scheme = _scheme_of(codec.scheme, spec.dtype)
-        scale, offset = _affine(x, ranges.get(spec.name), codec.granularity, _LEVELS.get(scheme))
+        scale, offset = affine_params(x, ranges.get(spec.name), codec.granularity, LEVELS.get(scheme))
         data = _encode_tensor(x, scheme, scale, offset)
         heads.append(TensorHeader(spec.name, spec.dtype, x.shape, scale, offset, data.nbytes))
         parts.append(data.data)  # a buffer view, no copy
@@ -304,68 +261,13 @@ def _match_specs(tensors: Mapping[str, np.ndarray], specs: Sequence[TensorSpec])
     return arrays
 
 
-def _affine(
-    x: np.ndarray,
-    calibrated: tuple[np.ndarray, np.ndarray] | None,
-    granularity: str,
-    levels: int | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, offset) as float32 (P,) arrays; empty when the tensor is not quantized."""
-    if levels is None:
-        return np.empty(0, np.float32), np.empty(0, np.float32)
-    channels = _param_count(granularity, x.shape)
-    if calibrated is None:
-        lo, hi = _value_range(x, channels)
-    else:
-        lo, hi = calibrated
-        if channels == 1 or lo.ndim == 0:
-            lo, hi = np.full(channels, lo.min()), np.full(channels, hi.max())
-        elif lo.shape != (channels,):
-            raise CodecError(f"calibration has {lo.size} channel ranges, tensor has {channels}")
-    lo, hi = lo.astype(np.float32), hi.astype(np.float32)
-    return (hi - lo) / np.float32(levels), lo
-
-
-def _value_range(x: np.ndarray, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    if x.size == 0:
-        return np.zeros(channels, np.float32), np.zeros(channels, np.float32)
-    rows = x.reshape(x.shape[0], channels, -1) if channels > 1 else x.reshape(1, 1, -1)
-    lo, hi = rows.min(axis=(0, 2)), rows.max(axis=(0, 2))
-    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
-        raise CodecError("a tensor with inf/nan values needs a calibrated range or fp16/none")
-    return lo, hi
-
-
 def _encode_tensor(x: np.ndarray, scheme: str, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
     if scheme == "none":
         return x.astype(x.dtype.newbyteorder("<"), copy=False)
     if scheme == "fp16":
         return x.astype("<f2")
-    codes = _quantize(x, _per_channel(scale, x.ndim), _per_channel(offset, x.ndim), _LEVELS[scheme])
-    return _pack4(codes) if scheme == "int4" else codes
-
-
-def _quantize(x: np.ndarray, scale: np.ndarray, offset: np.ndarray, levels: int) -> np.ndarray:
-    """uint8 codes; out-of-range values clip to 0 or `levels`, NaN (via fmax) to 0.
-
-    Overflow to inf (a far outlier over a tiny scale) is expected here and clipped like any other.
-    A subnormal scale counts as zero, so its inverse stays finite.
-    """
-    tiny = np.finfo(np.float32).tiny
-    inverse = np.divide(1, scale, out=np.zeros_like(scale), where=scale >= tiny)
-    with np.errstate(over="ignore", invalid="ignore"):
-        t = np.subtract(x, offset, dtype=np.float32)
-        t *= inverse
-    np.fmax(t, 0, out=t)
-    np.fmin(t, levels, out=t)
-    return np.rint(t, out=t).astype(np.uint8)
-
-
-def _pack4(codes: np.ndarray) -> np.ndarray:
-    flat = codes.reshape(-1)
-    if flat.size % 2:
-        flat = np.append(flat, np.uint8(0))
-    return flat[0::2] | (flat[1::2] << 4)
+    codes = quantize(x, per_channel(scale, x.ndim), per_channel(offset, x.ndim), LEVELS[scheme])
+    return pack4(codes) if scheme == "int4" else codes
 
 
 def _encode_jpeg(
@@ -432,8 +334,8 @@ def _read_tensor(reader: _Reader, scheme: str, granularity: str) -> TensorHeader
     if rank > MAX_RANK:
         raise CodecError(f"tensor {name!r}: rank {rank} over {MAX_RANK}")
     shape = reader.unpack(struct.Struct(f"<{rank}I"))
-    quantized = _scheme_of(scheme, dtype) in _LEVELS
-    params = _param_count(granularity, shape) if quantized else 0
+    quantized = _scheme_of(scheme, dtype) in LEVELS
+    params = param_count(granularity, shape) if quantized else 0
     scale = np.frombuffer(reader.take(4 * params), "<f4")
     offset = np.frombuffer(reader.take(4 * params), "<f4")
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(offset))):
@@ -503,17 +405,10 @@ def _decode_tensor(data: memoryview, t: TensorHeader, scheme: str) -> np.ndarray
         return np.frombuffer(data, wire).astype(t.dtype).reshape(t.shape)  # astype copies
     codes = np.frombuffer(data, np.uint8)
     if scheme == "int4":
-        codes = _unpack4(codes, numel)
-    x = np.multiply(codes.reshape(t.shape), _per_channel(t.scale, len(t.shape)), dtype=np.float32)
-    x += _per_channel(t.offset, len(t.shape))
+        codes = unpack4(codes, numel)
+    x = np.multiply(codes.reshape(t.shape), per_channel(t.scale, len(t.shape)), dtype=np.float32)
+    x += per_channel(t.offset, len(t.shape))
     return x.astype(t.dtype, copy=False)
-
-
-def _unpack4(packed: np.ndarray, count: int) -> np.ndarray:
-    codes = np.empty(packed.size * 2, np.uint8)
-    codes[0::2] = packed & 15
-    codes[1::2] = packed >> 4
-    return codes[:count]
 
 
 # --- shared --------------------------------------------------------------------------------------
@@ -530,17 +425,6 @@ def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
 def _scheme_of(frame_scheme: str, dtype: str) -> str:
     """Quantizers only apply to floats; integer and bool tensors always travel raw."""
     return frame_scheme if np.dtype(dtype).kind == "f" else "none"
-
-
-def _param_count(granularity: str, shape: tuple[int, ...]) -> int:
-    # A range per channel pays 8 header bytes per channel; only worth it when each channel has
-    # spatial extent (rank ≥ 3). A (N, C) vector would carry one range per value.
-    return shape[1] if granularity == "channel" and len(shape) >= 3 else 1
-
-
-def _per_channel(params: np.ndarray, rank: int) -> np.ndarray:
-    """Shape (P,) params so they broadcast over axis 1 (or everything, when P = 1)."""
-    return params.reshape(1, -1, *[1] * (rank - 2)) if params.size > 1 else params.reshape(())
 
 
 def _encoded_size(scheme: str, dtype: str, numel: int) -> int:
