@@ -143,7 +143,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     bundle = load_bundle(bundles / "effl0")
     keys = generate_keys(work / "keys")
     public = load_service_public(keys.service_pub)
-    cut = deepest_cut(bundle)
+    cut = args.cut or deepest_cut(bundle)
     bodies, feeds = payloads(bundle, cut)
     rows = []
     for batching in (False, True):
@@ -208,6 +208,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--seconds", type=float, default=4.0, help="measured time per point, s")
     parser.add_argument("--threads", type=int, default=1, help="server ORT intra-op threads")
+    parser.add_argument("--cut", help="cut whose tail is served (default: the deepest 192x7x7)")
     parser.add_argument("--quick", action="store_true", help="smoke preset: 1 and 4 streams, 1 s")
     parser.add_argument("--out", type=Path, default=RESULTS / "cloud_throughput")
     args = parser.parse_args()
