@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Regenerate every committed figure in benchmarks/results/ (about 10 minutes on a 2-core machine).
+# Run from the repository root in the dev install: bash benchmarks/reproduce.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+edgecut partition efficientnet-lite0 -o bundles/effl0 --calibrate builtin --force
+edgecut profile bundles/effl0 --threads 1 --codecs int8,int4,jpeg90 --device this-machine-1t \
+    --runs 50 --out benchmarks/profiles/this-machine-1t.json
+python -c "from edgecut.profile import load_profile as l, save_profile as s; \
+s(l('benchmarks/profiles/this-machine-1t.json').scaled(5, 'pi4-scaled-5x', 'this-machine-1t.json x 5: EfficientNet-Lite0 is ~49 ms on a Raspberry Pi 4 CPU under TFLite (published hobbyist benchmark) vs 9.2 ms on one core of this machine under ONNX Runtime (DESIGN.md)'), 'benchmarks/profiles/pi4-scaled-5x.json')"
+edgecut bench sweep bundles/effl0 --edge-profile benchmarks/profiles/this-machine-1t.json \
+    --out benchmarks/results/effl0/this-machine-1t
+edgecut bench sweep bundles/effl0 --edge-profile benchmarks/profiles/pi4-scaled-5x.json --pace \
+    --out benchmarks/results/effl0/pi4-scaled-5x
+python benchmarks/codec_fidelity.py
+python benchmarks/netem_validate.py
+python benchmarks/edge_loopback.py
+python benchmarks/cloud_throughput.py
+python benchmarks/cloud_throughput.py --cut c05 --out benchmarks/results/cloud_throughput_c05
