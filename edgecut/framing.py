@@ -3,19 +3,31 @@
 gRPC refuses messages above its receive limit (4 MiB by default) with an opaque error; a large
 frontier must therefore be announced (chunk 0 carries count and total size) and sent in pieces.
 The reassembler checks the announcement before buffering anything, so a lying client costs at
-most `max_request_bytes` per pending request and `max_pending` requests per stream.
+most `max_pending_bytes` per stream (announced sizes of its partial requests), and a partial request
+whose chunks stop coming is dropped after `max_pending_s`.
+
+Deadlines cross clocks: `Frame.deadline_ms` and `sent_at_ms` are both edge wall clock, so only their
+difference (the budget) is meaningful here. A whole request's head carries its deadline on this
+host's clock: chunk 0's arrival plus the budget (the absolute value only when `sent_at_ms` is 0).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edgecut.errors import CodecError, FrameTooLargeError
+from edgecut.errors import CodecError, DeadlineError, EdgecutError, FrameTooLargeError
 from edgecut.v1 import edgecut_pb2 as pb
 
 MAX_MESSAGE_BYTES = 8 << 20  # gRPC send/receive limit set on both sides, bytes
 CHUNK_BYTES = 4 << 20  # sealed bytes per Frame message, below MAX_MESSAGE_BYTES with headroom
-MAX_REQUEST_BYTES = 256 << 20  # largest sealed request a server accepts, bytes
+MAX_DECODED_BYTES = 64 << 20  # largest decoded frontier a server accepts, bytes
+# Largest sealed request a server accepts, bytes: a frontier sent raw (no zstd) is its decoded size
+# plus the codec header (scales, offsets) and the seal; anything larger cannot decode in bounds.
+MAX_REQUEST_BYTES = MAX_DECODED_BYTES + (1 << 20)
+MAX_PENDING_S = 30.0  # a partial request whose chunks stop arriving is dropped after this, s
 
 
 def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -32,8 +44,8 @@ class RequestHead:
     model: str
     version: str
     cut: str
-    deadline_ms: int  # absolute unix ms, 0 = none
-    sent_at_ms: int
+    deadline_ms: int  # absolute unix ms, 0 = none (edge clock; on this host once reassembled)
+    sent_at_ms: int  # edge wall clock when chunk 0 was sent, unix ms
 
 
 def split(head: RequestHead, sealed: bytes, chunk_bytes: int = CHUNK_BYTES) -> list[pb.Frame]:
@@ -55,6 +67,7 @@ class _Pending:
     head: RequestHead
     count: int
     total: int
+    started_s: float  # Reassembler clock when chunk 0 arrived
     parts: list[bytes] = field(default_factory=list)
     size: int = 0
 
@@ -62,10 +75,25 @@ class _Pending:
 class Reassembler:
     """Per-stream state: collects chunks until a request is whole. Not thread-safe (one stream)."""
 
-    def __init__(self, max_request_bytes: int = MAX_REQUEST_BYTES, max_pending: int = 64) -> None:
+    def __init__(self, max_request_bytes: int = MAX_REQUEST_BYTES, max_pending: int = 64, *,
+                 max_pending_bytes: int | None = None, max_pending_s: float = MAX_PENDING_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_request_bytes = max_request_bytes
         self.max_pending = max_pending
+        self.max_pending_bytes = 2 * max_request_bytes if max_pending_bytes is None else max_pending_bytes
+        self.max_pending_s = max_pending_s
+        self._clock = clock
         self._pending: dict[str, _Pending] = {}
+
+    def expire(self) -> list[tuple[RequestHead, EdgecutError]]:
+        """Drop partial requests older than `max_pending_s`; each with the error to answer."""
+        now = self._clock()
+        old = [p for p in self._pending.values() if now - p.started_s > self.max_pending_s]
+        for p in old:
+            del self._pending[p.head.request_id]
+        return [(p.head, DeadlineError(f"request '{p.head.request_id}': {len(p.parts)} of "
+                                       f"{p.count} chunks arrived in {self.max_pending_s:g} s; "
+                                       "dropped")) for p in old]
 
     def add(self, frame: pb.Frame) -> tuple[RequestHead, bytes] | None:
         """The whole request once its last chunk arrives; None while incomplete.
@@ -101,7 +129,17 @@ class Reassembler:
         if pending.size != pending.total:
             raise CodecError(f"request '{rid}': {pending.size} bytes arrived, "
                              f"{pending.total} announced")
-        return pending.head, b"".join(pending.parts)
+        return self._local(pending), b"".join(pending.parts)
+
+    def _local(self, pending: _Pending) -> RequestHead:
+        """The head with its deadline on this host's clock, measured from chunk 0's arrival."""
+        head = pending.head
+        if not head.deadline_ms or not head.sent_at_ms:
+            return head
+        elapsed_ms = (self._clock() - pending.started_s) * 1e3
+        now_ms = time.time_ns() // 1_000_000
+        deadline = now_ms - round(elapsed_ms) + head.deadline_ms - head.sent_at_ms
+        return dataclasses.replace(head, deadline_ms=max(1, deadline))
 
     def _start(self, rid: str, frame: pb.Frame) -> _Pending:
         if rid in self._pending:
@@ -115,9 +153,13 @@ class Reassembler:
         if frame.chunk_count > 1 and len(self._pending) >= self.max_pending:
             raise FrameTooLargeError(f"request '{rid}': more than {self.max_pending} chunked "
                                      "requests pending on one stream")
+        held = sum(p.total for p in self._pending.values())
+        if frame.chunk_count > 1 and held + frame.total_bytes > self.max_pending_bytes:
+            raise FrameTooLargeError(f"request '{rid}': {held} bytes of partial requests already "
+                                     f"pending on this stream; at most {self.max_pending_bytes}")
         head = RequestHead(rid, frame.model, frame.version, frame.cut, frame.deadline_ms,
                            frame.sent_at_ms)
-        pending = _Pending(head, frame.chunk_count, frame.total_bytes)
+        pending = _Pending(head, frame.chunk_count, frame.total_bytes, self._clock())
         self._pending[rid] = pending
         return pending
 

@@ -63,7 +63,7 @@ def make_session(model: Path | bytes, options: OrtOptions = OrtOptions(),
     try:
         return ort.InferenceSession(source, so, providers=resolve_providers(options.providers))
     except (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.NoSuchFile,
-            ort_errors.InvalidProtobuf) as exc:
+            ort_errors.InvalidProtobuf, ort_errors.NotImplemented, ort_errors.RuntimeException) as exc:
         name = os.path.basename(str(model)) if isinstance(model, Path) else label
         raise BundleError(f"{name}: ONNX Runtime cannot load it: {exc}") from exc
 

@@ -8,7 +8,9 @@ runs on a thread pool so the event loop keeps reading frames and answering while
 A bundle whose segments are not `batchable` (its graphs bake batch 1 in) still gets the queueing:
 its batch is run item by item, and the `mode` label of the batch-size metric says so. Queues are
 bounded: a full one refuses at once (RESOURCE_EXHAUSTED) so the edge can back off or run locally,
-and a request whose deadline passed while queued is dropped, never computed.
+and a request whose deadline passed while queued is dropped, never computed. A lane whose worker is
+stopped (its bundle retired, or the server closing) answers what it holds UNAVAILABLE, never leaves
+a request waiting forever.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import numpy as np
 from edgecut.bundle import Bundle
 from edgecut.cloud.executor import Executor
 from edgecut.cloud.metrics import ServerMetrics
-from edgecut.errors import CodecError, DeadlineError, EdgecutError, OverloadedError
+from edgecut.errors import CodecError, DeadlineError, EdgecutError, OverloadedError, UnavailableError
 
 log = logging.getLogger(__name__)
 
 EWMA_ALPHA = 0.2  # weight of the newest queue-delay sample in the live estimate
+IDLE_HALF_LIFE_S = 1.0  # an idle lane's queue-delay estimate halves every this many seconds
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class _Lane:
     queue: asyncio.Queue[_Item]
     worker: asyncio.Task[None] | None = None
     delay_ms: float = 0.0  # EWMA of queue delay
+    busy: bool = False  # a batch is computing
+    last_batch: float = 0.0  # perf_counter seconds when the last batch finished
     gap_s: float = 0.0  # EWMA of the time between arrivals, s
     last_arrival: float = 0.0  # perf_counter seconds
     model: str = field(init=False)
@@ -69,6 +74,12 @@ class _Lane:
         if self.last_arrival:
             self.gap_s += EWMA_ALPHA * (now - self.last_arrival - self.gap_s)
         self.last_arrival = now
+
+    def delay_estimate_ms(self, now: float) -> float:
+        """The EWMA while there is work; decaying once idle, so a burst is not reported forever."""
+        if self.busy or not self.queue.empty():
+            return self.delay_ms
+        return self.delay_ms * 0.5 ** ((now - self.last_batch) / IDLE_HALF_LIFE_S)
 
 
 class Batcher:
@@ -98,8 +109,9 @@ class Batcher:
         return await item.future  # a cancelled caller cancels the future: the worker skips it
 
     def queue_delay_ms(self) -> float:
-        """Live estimate for edge optimizers: the worst lane's EWMA queue delay."""
-        return max((lane.delay_ms for lane in self._lanes.values()), default=0.0)
+        """Live estimate for edge optimizers: the worst lane's queue delay, ~0 when idle."""
+        now = time.perf_counter()
+        return max((lane.delay_estimate_ms(now) for lane in self._lanes.values()), default=0.0)
 
     def retire(self, bundle: Bundle) -> None:
         """Stop the lanes of a drained bundle; safe to call from any thread."""
@@ -128,22 +140,31 @@ class Batcher:
         return lane
 
     async def _work(self, lane: _Lane) -> None:
-        while True:
-            items = await self._collect(lane)
-            try:
-                await self._run(lane, items)
-            except Exception as exc:  # a worker must outlive any one batch
-                log.exception("batch for %s cut %s failed", lane.bundle.name, lane.cut)
-                _fail(items, EdgecutError(f"tail compute failed: {type(exc).__name__}"))
+        items: list[_Item] = []
+        try:
+            while True:
+                items = []
+                await self._collect(lane, items)
+                try:
+                    await self._run(lane, items)
+                except Exception as exc:  # a worker must outlive any one batch
+                    log.exception("batch for %s cut %s failed", lane.bundle.name, lane.cut)
+                    _fail(items, EdgecutError(f"tail compute failed: {type(exc).__name__}"))
+        except asyncio.CancelledError:
+            while not lane.queue.empty():
+                items.append(lane.queue.get_nowait())
+            _fail(items, UnavailableError(f"{lane.bundle.name} cut {lane.cut} stopped serving "
+                                          "while the request waited", hint="retry"))
+            raise
 
-    async def _collect(self, lane: _Lane) -> list[_Item]:
+    async def _collect(self, lane: _Lane, items: list[_Item]) -> None:
         """Wait for one request, then for batch-mates until full or the first has waited enough.
 
         Waiting only pays when a batch-mate is likely to come: when requests arrive further apart
         than the delay (one closed-loop client), the batch closes at once instead of adding the
-        full delay to every request.
+        full delay to every request. Fills `items` in place, so a cancelled worker knows what it held.
         """
-        items = [await lane.queue.get()]
+        items.append(await lane.queue.get())
         wait_s = self.max_delay_s if lane.gap_s < self.max_delay_s else 0.0
         close_at = items[0].enqueued + wait_s
         while len(items) < self.max_batch:
@@ -158,7 +179,6 @@ class Batcher:
                     items.append(await lane.queue.get())
             except TimeoutError:
                 break
-        return items
 
     async def _run(self, lane: _Lane, items: list[_Item]) -> None:
         live = [i for i in items if _admit(i)]
@@ -167,7 +187,11 @@ class Batcher:
         start = time.perf_counter()
         batched = lane.bundle.manifest.batchable and len(live) > 1
         run = self._run_batched if batched else self._run_each
-        results = await self._loop.run_in_executor(self.pool, run, lane, live)
+        lane.busy = True
+        try:
+            results = await self._loop.run_in_executor(self.pool, run, lane, live)
+        finally:
+            lane.busy, lane.last_batch = False, time.perf_counter()
         compute_ms = (time.perf_counter() - start) * 1e3
         for item, result in zip(live, results, strict=True):
             queue_ms = (start - item.enqueued) * 1e3

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecut.errors import UsageError
-from edgecut.framing import MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
+from edgecut.framing import MAX_DECODED_BYTES, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
 from edgecut.runtime import PROVIDERS
 
 DEVICES = ("cpu", "cuda")
@@ -38,7 +38,7 @@ class ServeConfig:
     max_queue: int = 256  # queued requests per (model, version, cut) before RESOURCE_EXHAUSTED
     max_message_bytes: int = MAX_MESSAGE_BYTES  # gRPC send/receive limit per message, bytes
     max_request_bytes: int = MAX_REQUEST_BYTES  # largest sealed request (all chunks), bytes
-    max_decoded_bytes: int = 64 << 20  # largest decoded frontier a request may claim, bytes
+    max_decoded_bytes: int = MAX_DECODED_BYTES  # largest decoded frontier a request may claim, bytes
     max_probe_bytes: int = 4 << 20  # largest reply a Probe may ask for, bytes
     tls_cert: Path | None = None  # PEM server certificate chain; with tls_key enables TLS
     tls_key: Path | None = None  # PEM server private key

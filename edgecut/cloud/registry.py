@@ -2,10 +2,12 @@
 
 Each subdirectory holding `manifest.json` is a bundle, served under (model, version) from its
 manifest. Bundles are verified on load (hashes always, the signature when a key is configured); one
-that fails is logged once and skipped until its manifest changes, so a bad upload never takes the
-others down. Removed or replaced bundles are retired: new requests stop finding them at once, and
-`on_retire` runs only when the last in-flight request holding them has released them, so a request
-never loses its sessions mid-compute.
+that fails (bad hashes, or ONNX Runtime refusing it at warm-up) is logged once and skipped until
+its files change, so a bad upload never takes the others down. Removed or replaced bundles are
+retired: new requests stop finding them at once, and `on_retire` runs only when the last in-flight
+request holding them has released them, so a request never loses its sessions mid-compute.
+Sessions and queues are shared by (bundle name, manifest sha256), so `on_retire` is skipped while
+another entry with the same contents (the same bundle copied in again) is served or draining.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Registry:
         self._lock = threading.Lock()
         self._by_dir: dict[Path, Entry] = {}
         self._failed: dict[Path, Stamp] = {}  # skipped dirs, retried when their stamp changes
+        self._draining: set[Entry] = set()  # retired entries still held by requests
 
     def entries(self) -> list[Entry]:
         with self._lock:
@@ -65,16 +68,17 @@ class Registry:
     def scan(self) -> tuple[int, int]:
         """Bring the table in line with the directory; returns (loaded, retired) counts."""
         found = self._stamps()
+        # Retire first: a bundle moved to another directory must not clash with its old self.
+        gone = [e for d, e in list(self._by_dir.items()) if d not in found]
+        for entry in gone:
+            log.info("bundle %s removed from %s: retiring", entry.bundle.name, entry.directory)
+            self._retire(entry)
         loaded = 0
         for directory, stamp in found.items():
             current = self._by_dir.get(directory)
             if (current and current.stamp == stamp) or self._failed.get(directory) == stamp:
                 continue
             loaded += self._load(directory, stamp, current)
-        gone = [e for d, e in list(self._by_dir.items()) if d not in found]
-        for entry in gone:
-            log.info("bundle %s removed from %s: retiring", entry.bundle.name, entry.directory)
-            self._retire(entry)
         return loaded, len(gone)
 
     @contextmanager
@@ -100,15 +104,20 @@ class Registry:
                 if d.is_dir() and not d.name.startswith(".") and (d / MANIFEST).is_file()}
 
     def _load(self, directory: Path, stamp: Stamp, current: Entry | None) -> int:
+        entry = None
         try:
             bundle = load_bundle(directory, public_key=self._public_key,
                                  require_signature=self._public_key is not None)
             entry = Entry(bundle, directory, stamp)
             self._check_unique(entry, current)
             self._on_load(entry)
-        except BundleError as exc:
+        except Exception as exc:  # ORT errors at warm-up too: one bad bundle never stops the scan
+            error = exc if isinstance(exc, BundleError) else BundleError(
+                f"cannot serve it: {type(exc).__name__}: {exc}")
             self._failed[directory] = stamp
-            log.error("skipping bundle %s: %s", directory.name, exc)
+            log.error("skipping bundle %s: %s", directory.name, error)
+            if entry is not None:
+                self._drop(entry)  # sessions its warm-up created
             return 0
         self._failed.pop(directory, None)
         with self._lock:
@@ -148,16 +157,29 @@ class Registry:
             if self._by_dir.get(entry.directory) is entry:
                 del self._by_dir[entry.directory]
             entry.retired = True
-            idle = entry.refs == 0
-        if idle:
-            self._on_retire(entry)
+            if entry.refs:
+                self._draining.add(entry)
+                return
+        self._drop(entry)
 
     def _release(self, entry: Entry) -> None:
         with self._lock:
             entry.refs -= 1
             idle = entry.retired and entry.refs == 0
+            if idle:
+                self._draining.discard(entry)
         if idle:
             log.info("retired %s drained", entry.bundle.name)
+            self._drop(entry)
+
+    def _drop(self, entry: Entry) -> None:
+        """`on_retire`, unless another entry still uses the same sessions and queues."""
+        same = (entry.bundle.name, entry.bundle.manifest_sha256)
+        with self._lock:
+            others = [*self._by_dir.values(), *self._draining]
+            shared = any((o.bundle.name, o.bundle.manifest_sha256) == same
+                         for o in others if o is not entry)
+        if not shared:
             self._on_retire(entry)
 
 

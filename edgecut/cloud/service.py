@@ -34,7 +34,7 @@ from edgecut.cloud.config import DeviceGrant, ServeConfig, load_tokens
 from edgecut.cloud.executor import Executor, OrtExecutor
 from edgecut.cloud.metrics import ServerMetrics
 from edgecut.cloud.registry import Entry, Registry
-from edgecut.errors import AuthError, EdgecutError, ForbiddenError, OverloadedError, UsageError
+from edgecut.errors import AuthError, CodecError, EdgecutError, ForbiddenError, OverloadedError, UsageError
 from edgecut.framing import Reassembler, RequestHead, grpc_options
 from edgecut.keys import ServicePrivateKey, key_id, load_service_private, load_signing_public
 from edgecut.runtime import OrtOptions
@@ -45,9 +45,11 @@ log = logging.getLogger(__name__)
 
 ANSWER_CODEC = codec.CodecSpec("none", zstd_level=1)  # results are small: exact, lightly packed
 MAX_IN_FLIGHT_PER_STREAM = 256  # requests (and unsent answers) one stream may hold at once
-# Frames up to this size are opened and decoded on the event loop (well under a millisecond);
-# bigger ones (JPEG, shallow cuts) go to a thread so they never stall the other streams.
+# Frames up to this size are opened on the event loop (well under a millisecond), and decoded there
+# when they decode to at most INLINE_DECODE_BYTES; the rest (JPEG, shallow cuts, a zero-filled
+# frontier that zstd shrank 1000×) go to a thread so they never stall the other streams.
 INLINE_OPEN_BYTES = 64 << 10
+INLINE_DECODE_BYTES = 1 << 20
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TailService"].full_name
 
 
@@ -74,7 +76,8 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
     async def Infer(self, request_iterator: AsyncIterator[pb.Frame],
                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Answer]:
         grant = await _authenticate(self.ctx.grants, context)
-        answers: asyncio.Queue[pb.Answer | None] = asyncio.Queue()
+        # Bounded: a client that sends but never reads stalls its own reader, not our memory.
+        answers: asyncio.Queue[pb.Answer | None] = asyncio.Queue(MAX_IN_FLIGHT_PER_STREAM)
         tasks: set[asyncio.Task[None]] = set()
         reader = asyncio.create_task(self._read(request_iterator, grant, answers, tasks))
         try:
@@ -107,13 +110,15 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
         try:
             async for frame in frames:
                 self.ctx.metrics.bytes_in.labels(self._label(frame.model)).inc(len(frame.sealed))
+                for head, error in reassembler.expire():
+                    await answers.put(self._failed(head.request_id, head.model, error))
                 try:
                     whole = reassembler.add(frame)
                     if whole and len(tasks) + answers.qsize() >= MAX_IN_FLIGHT_PER_STREAM:
                         raise OverloadedError(f"more than {MAX_IN_FLIGHT_PER_STREAM} requests "
                                               "in flight on one stream")
                 except EdgecutError as exc:
-                    answers.put_nowait(self._failed(frame.request_id, frame.model, exc))
+                    await answers.put(self._failed(frame.request_id, frame.model, exc))
                     continue
                 if whole:
                     task = asyncio.create_task(self._handle(*whole, grant, answers))
@@ -127,7 +132,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             dropped = reassembler.drop()
             if dropped:
                 log.info("stream ended with %d partial request(s): dropped", dropped)
-            answers.put_nowait(None)
+        await answers.put(None)  # not when cancelled: then Infer has stopped reading answers
 
     async def _handle(self, head: RequestHead, sealed: bytes, grant: DeviceGrant | None,
                       answers: asyncio.Queue[pb.Answer | None]) -> None:
@@ -148,7 +153,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
                       answer.timings.batch_size)
         answer.sent_at_ms = head.sent_at_ms
         answer.server_queue_delay_ms = self.ctx.batcher.queue_delay_ms()
-        answers.put_nowait(answer)
+        await answers.put(answer)
 
     async def _answer(self, head: RequestHead, sealed: bytes, grant: DeviceGrant | None) -> pb.Answer:
         if grant is not None and not grant.allows(head.model):
@@ -158,11 +163,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             cut = c.registry.cut(entry, head.cut)
             binding = sealing.Binding(head.model, head.version, head.cut, head.request_id)
             t0 = time.perf_counter()
-            if len(sealed) > INLINE_OPEN_BYTES:
-                feeds, response_key = await asyncio.to_thread(self._open, entry.bundle, cut, binding,
-                                                              sealed)
-            else:
-                feeds, response_key = self._open(entry.bundle, cut, binding, sealed)
+            feeds, response_key = await self._open(entry.bundle, cut, binding, sealed)
             t1 = time.perf_counter()
             result = await c.batcher.submit(entry.bundle, cut.id, feeds, deadline_ms=head.deadline_ms)
             t2 = time.perf_counter()
@@ -173,15 +174,29 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
                              batch_size=result.batch_size)
         return pb.Answer(request_id=head.request_id, code=0, sealed=sealed_answer, timings=timings)
 
-    def _open(self, bundle: Bundle, cut: Cut, binding: sealing.Binding, sealed: bytes,
-              ) -> tuple[dict[str, np.ndarray], bytes]:
-        """Open the seal (replay-checked) and decode the frontier, validated against the cut."""
-        payload, response_key = sealing.open_request(self.ctx.key, binding, sealed, guard=self.ctx.guard)
+    async def _open(self, bundle: Bundle, cut: Cut, binding: sealing.Binding, sealed: bytes,
+                    ) -> tuple[dict[str, np.ndarray], bytes]:
+        """Open the seal (replay-checked) and decode the frontier, validated against the cut.
+
+        Work sized by the frame runs on a thread: the seal by its sealed size, the decode by the
+        size the header promises (read first, cheaply, and checked against the bundle).
+        """
+        if len(sealed) > INLINE_OPEN_BYTES:
+            payload, key = await asyncio.to_thread(sealing.open_request, self.ctx.key, binding,
+                                                   sealed, guard=self.ctx.guard)
+        else:
+            payload, key = sealing.open_request(self.ctx.key, binding, sealed, guard=self.ctx.guard)
+        header = codec.header_of(payload, max_bytes=self.ctx.config.max_decoded_bytes)
+        _check_batch(bundle, header)
+        if header.decoded_bytes > INLINE_DECODE_BYTES:
+            return await asyncio.to_thread(self._decode, bundle, cut, payload), key
+        return self._decode(bundle, cut, payload), key
+
+    def _decode(self, bundle: Bundle, cut: Cut, payload: bytes) -> dict[str, np.ndarray]:
         pre = bundle.manifest.preprocess
         norm = (pre.mean, pre.std) if pre.kind == "image" else None
-        feeds = codec.decode(payload, cut.frontier, max_bytes=self.ctx.config.max_decoded_bytes,
-                             image_norm=norm)
-        return feeds, response_key
+        return codec.decode(payload, cut.frontier, max_bytes=self.ctx.config.max_decoded_bytes,
+                            image_norm=norm)
 
     def _failed(self, request_id: str, model: str, exc: EdgecutError) -> pb.Answer:
         status = grpc.StatusCode[exc.grpc_status]
@@ -206,6 +221,14 @@ async def _authenticate(grants: dict[str, DeviceGrant] | None,
         error = AuthError("missing or unknown device token (metadata 'authorization: Bearer …')")
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, error.message)
     return grant
+
+
+def _check_batch(bundle: Bundle, header: codec.FrameHeader) -> None:
+    """Refuse a batch a non-batchable bundle cannot run, before paying for its decode."""
+    rows = {t.shape[0] for t in header.tensors if t.shape}
+    if not bundle.manifest.batchable and rows - {1}:
+        raise CodecError(f"{bundle.name} is not batchable: send one item per frame, "
+                         f"not {max(rows)}")
 
 
 def _model_info(entry: Entry) -> pb.ModelInfo:
