@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -99,6 +99,7 @@ class _Work:
         return self.ticket is None or self.ticket.future.done()
 
 
+
 class Agent:
     """Runs inputs through head → session → (cloud | local tail), one Result each."""
 
@@ -107,31 +108,58 @@ class Agent:
         self.bundle, self.head, self.tail, self.session = bundle, head, tail, session
         self.choice, self.options = choice, options or AgentOptions()
         self.labels = bundle.labels()
-        self.interrupted = False  # set when Ctrl-C stopped the source early
+        self.interrupted = False  # set when Ctrl-C / SIGTERM stopped the source early
+        self.reading = False  # True while the input source runs (see `_read`)
+
+    def request_stop(self) -> None:
+        """Stop reading inputs; everything already started is still finished and emitted.
+
+        This is what Ctrl-C and SIGTERM do (see `edgecut.edge.cli`): a flag, not an exception,
+        so no input can be half-emitted or emitted twice, wherever the signal lands.
+        """
+        self.interrupted = True
 
     def run(self, inputs: Iterable[Input], emit: Callable[[Result], None]) -> int:
-        """Process every input, emitting results in order; returns how many were emitted.
-
-        Ctrl-C stops reading inputs, finishes the ones already started, and returns normally.
-        """
+        """Process every input, emitting results in order; returns how many were emitted."""
         window: deque[_Work] = deque()
         emitted = 0
-        try:
-            for item in inputs:
-                window.append(self._start(item))
-                while window and (len(window) >= self.options.in_flight or window[0].settled()):
-                    emit(self._finish(window.popleft()))
-                    emitted += 1
-        except KeyboardInterrupt:
-            self.interrupted = True
+        for item in self._read(inputs):
+            work = _Work(item)
+            self._start(work)
+            window.append(work)
+            while window and (len(window) >= self.options.in_flight or window[0].settled()):
+                emit(self._finish(window.popleft()))
+                emitted += 1
+        if self.interrupted:
             log.warning("interrupted: finishing %d input(s) already started", len(window))
         while window:
             emit(self._finish(window.popleft()))
             emitted += 1
         return emitted
 
-    def _start(self, item: Input) -> _Work:
-        work = _Work(item)
+    def _read(self, inputs: Iterable[Input]) -> Iterator[Input]:
+        """Inputs until the source ends or a stop is requested.
+
+        `reading` is True only while the source itself runs: a signal handler may raise
+        KeyboardInterrupt there (a source can block on stdin or a camera), nowhere else.
+        """
+        source = iter(inputs)
+        while not self.interrupted:
+            self.reading = True
+            try:
+                item = next(source, None)
+            except KeyboardInterrupt:
+                self.interrupted = True
+                return
+            finally:
+                self.reading = False
+            if item is None:
+                return
+            yield item
+
+    def _start(self, work: _Work) -> None:
+        item = work.item
+        work.attempts = 0
         try:
             feeds = self._prepare(item)
             if not self.choice.ready:
@@ -140,7 +168,6 @@ class Agent:
             self._run_head(work, feeds)
         except EdgecutError as exc:
             work.result = self._failed(work, str(exc))
-        return work
 
     def _prepare(self, item: Input) -> dict[str, np.ndarray]:
         m = self.bundle.manifest
@@ -178,17 +205,20 @@ class Agent:
             work.error = exc
 
     def _finish(self, work: _Work) -> Result:
-        if work.result is not None:
-            return work.result
+        """The input's one result (computed once, kept on `work`)."""
+        if work.result is None:
+            work.result = self._answer(work)
+        return work.result
+
+    def _answer(self, work: _Work) -> Result:
         try:
             if work.error is not None:
                 raise work.error
             if work.ticket is None or self.session is None:
                 raise UsageError("internal: a request without a ticket")
-            reply = self.session.wait(work.ticket)
+            return self._from_cloud(work, self.session.wait(work.ticket))
         except EdgecutError as exc:
             return self._recover(work, exc)
-        return self._from_cloud(work, reply)
 
     def _recover(self, work: _Work, exc: EdgecutError) -> Result:
         if self.options.fallback == "local":
@@ -198,7 +228,7 @@ class Agent:
             log.info("%s: cloud failed (%s); retrying once with a fresh request id",
                      work.item.name, exc)
             self._submit(work)
-            return self._finish(work)
+            return self._answer(work)
         return self._failed(work, f"cloud: {exc}")
 
     def _local(self, work: _Work, why: str) -> Result:
@@ -210,7 +240,7 @@ class Agent:
 
     def _from_cloud(self, work: _Work, reply: Reply) -> Result:
         t0 = time.perf_counter()
-        outputs = codec.decode(reply.payload, self.bundle.manifest.outputs)
+        outputs = codec.decode(reply.payload, self.bundle.manifest.outputs)  # CodecError if bad
         answer_ms = (reply.received - work.t0) * 1e3
         # Not "now - t0": in-order emission may have kept this answer waiting behind another.
         total_ms = answer_ms + (time.perf_counter() - t0) * 1e3

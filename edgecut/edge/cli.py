@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +23,7 @@ from typing import TextIO
 
 import numpy as np
 
-from edgecut.bundle import load_bundle
+from edgecut.bundle import Bundle, load_bundle, manifest_bytes
 from edgecut.edge.agent import FALLBACKS, Agent, AgentOptions, Input, Result, file_input, image_input
 from edgecut.edge.cutchoice import AutoCut, CutChoice, FixedCut
 from edgecut.edge.runner import RUNTIMES, OrtRunner, make_runner
@@ -69,17 +71,18 @@ def _read(path: Path | None) -> bytes | None:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _session(config: EdgeConfig, model: str, version: str) -> TailSession | None:
+def _session(config: EdgeConfig, bundle: Bundle) -> TailSession | None:
     if config.server is None:
         if config.cut != "output":
             raise UsageError("--server is required unless --cut output (edge-only)")
         return None
     if config.server_key is None:
         raise UsageError("--server-key is required with --server (frames are sealed to it)")
+    m = bundle.manifest
     return TailSession(SessionConfig(
-        config.server, load_service_public(config.server_key), model, version,
-        deadline_ms=config.deadline_ms, token=config.token, tls_ca=_read(config.tls_ca),
-        tls_cert=_read(config.tls_cert), tls_key=_read(config.tls_key)))
+        config.server, load_service_public(config.server_key), m.model, m.version,
+        builds=builds(bundle), deadline_ms=config.deadline_ms, token=config.token,
+        tls_ca=_read(config.tls_ca), tls_cert=_read(config.tls_cert), tls_key=_read(config.tls_key)))
 
 
 def _connect(session: TailSession, fallback: str) -> None:
@@ -89,6 +92,17 @@ def _connect(session: TailSession, fallback: str) -> None:
         if fallback != "local":
             raise
         log.warning("%s; computing locally until it is reachable", exc)
+
+
+def builds(bundle: Bundle) -> tuple[str, ...]:
+    """Manifest sha256s a server may report for this build: the bundle's own, and the manifest
+    without LiteRT head files, which `install_tflite` may have added on the device only."""
+    m = bundle.manifest
+    plain = dataclasses.replace(
+        m, files={k: v for k, v in m.files.items() if not k.endswith(".tflite")},
+        verification={k: v for k, v in m.verification.items() if k != "tflite"})
+    return tuple(dict.fromkeys([bundle.manifest_sha256,
+                                hashlib.sha256(manifest_bytes(plain)).hexdigest()]))
 
 
 @contextlib.contextmanager
@@ -102,7 +116,7 @@ def start_agent(config: EdgeConfig) -> Iterator[Agent]:
     head = tail if config.runtime == "ort" else make_runner(bundle, config.runtime, options)
     # One untimed pass: the first run of a session allocates, and would skew timings and plans.
     tail.run({s.name: np.zeros(s.shape, s.dtype) for s in m.inputs}, 0, len(m.segments) - 1)
-    session = _session(config, m.model, m.version)
+    session = _session(config, bundle)
     if session is not None:
         _connect(session, config.fallback)
     choice: CutChoice = (
@@ -217,16 +231,24 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def stop_on_signals(agent: Agent) -> None:
+    """Ctrl-C and SIGTERM (systemd stop) stop reading inputs and drain the ones in flight.
+
+    While the source is being read (it may block on stdin or a camera) the signal interrupts the
+    read; anywhere else it only sets the agent's stop flag, so every started input still gets
+    exactly one result. SIGINT is re-armed because shells start background jobs with it ignored.
+    """
+    def handler(signum: int, frame: object) -> None:
+        if agent.reading:
+            raise KeyboardInterrupt
+        agent.request_stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    # SIGTERM (systemd stop) drains like Ctrl-C; SIGINT is re-armed because a shell starts
-    # background jobs with it ignored.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt)
     counts = dict.fromkeys(("cloud", "local", "failed"), 0)
 
     def emit(result: Result) -> None:
@@ -236,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
 
     sources = open_source(args.source, sys.stdin)
     with start_agent(config) as agent:
+        stop_on_signals(agent)
         agent.run(sources, emit)
     log.info("%d input(s): %d cloud, %d local, %d failed", sum(counts.values()), counts["cloud"],
              counts["local"], counts["failed"])

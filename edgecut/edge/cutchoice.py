@@ -32,6 +32,7 @@ from edgecut.sealing import Binding, seal_request
 log = logging.getLogger(__name__)
 
 PROBE_EVERY_S = 2.0  # while edge-only, how often a Probe refreshes the link estimate
+PROBE_TIMEOUT_MS = 500.0  # per periodic Probe: a dropping link must not stall inputs for long
 BANDWIDTH_PROBE_BYTES = 256 << 10
 ANSWER_CODEC = codec.CodecSpec("none", zstd_level=1)
 _SEAL_OVERHEAD_DOWN = 28  # nonce + tag of a sealed answer
@@ -122,7 +123,7 @@ class AutoCut(Encoder):
             raise EdgecutError("auto cut used before calibration")
         row = self.replanner.current
         if row.cost.edge_only and time.perf_counter() - self._last_probe > PROBE_EVERY_S:
-            self._probe_link()
+            self._probe_link(PROBE_TIMEOUT_MS)
             row, _ = self.replanner.update(self.link.estimate())
         return row.cost.cut, row.cost.codec
 
@@ -154,18 +155,20 @@ class AutoCut(Encoder):
                  profile.mode)
         return frontiers, [profile.segment_ms(Path(s.file).stem) for s in segments]
 
-    def _probe_link(self) -> None:
-        self._last_probe = time.perf_counter()
+    def _probe_link(self, timeout_ms: float | None = None) -> None:
+        """Refresh the link estimate; the first failed Probe ends the round (`timeout_ms` each)."""
         if self.session is None:
             return
+        probe, size = self.session.probe, BANDWIDTH_PROBE_BYTES
         try:
-            self.link.observe_rtt(min(self.session.probe() for _ in range(3)))
-            self.link.observe_transfer(BANDWIDTH_PROBE_BYTES, 0,
-                                       self.session.probe(BANDWIDTH_PROBE_BYTES))
-            self.link.observe_transfer(0, BANDWIDTH_PROBE_BYTES,
-                                       self.session.probe(reply_bytes=BANDWIDTH_PROBE_BYTES))
+            self.link.observe_rtt(min(probe(timeout_ms=timeout_ms) for _ in range(3)))
+            self.link.observe_transfer(size, 0, probe(size, timeout_ms=timeout_ms))
+            self.link.observe_transfer(0, size, probe(reply_bytes=size, timeout_ms=timeout_ms))
         except EdgecutError as exc:
             log.info("link probe failed (%s); planning with the current estimate", exc)
+        finally:
+            # After, not before: a slow round must not make the next input probe again at once.
+            self._last_probe = time.perf_counter()
 
     def _costs(self, cut: str, frontiers: list[dict[str, np.ndarray]],
                edge_ms: list[float]) -> list[CutCost]:

@@ -9,8 +9,9 @@ so a silent server cannot hold a request forever.
 
 When the stream breaks, every request on it fails with UnavailableError (the caller retries or runs
 locally) and the next `submit` reconnects, no sooner than an exponential backoff with jitter allows.
-Every (re)connect first asks `ServerInfo` and refuses a server that lacks this model version or
-seals with another key: a wrong key would make every request fail to open on the server.
+Every (re)connect first asks `ServerInfo` and refuses a server that lacks this model version, serves
+another build of it (another manifest sha256) or seals with another key: a wrong key would make
+every request fail to open on the server, another build would silently compute other results.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class SessionConfig:
     server_key: ServicePublicKey = field(repr=False)  # frames are sealed to this key
     model: str  # model id the bundle names
     version: str  # model version the bundle names
+    builds: tuple[str, ...] = ()  # manifest sha256s of the local build (first: its own); () = any
     deadline_ms: int = 2000  # per request, from submit to answer
     connect_timeout_ms: int = 2000  # ServerInfo call on (re)connect
     backoff_initial_ms: float = 100.0  # first reconnect delay after a failed connect
@@ -170,7 +172,13 @@ class _Stream:
                 self._session._on_answer(answer)
         except grpc.RpcError as exc:
             error = f"{exc.code().name}: {exc.details()}"
-        self._session._on_broken(self, error)
+        except Exception as exc:  # a dead reader must not leave requests waiting for their deadline
+            log.exception("answer reader failed")
+            error = f"answer reader failed: {exc!r}"
+        finally:
+            self._queue.put(None)  # ends the request iterator, so gRPC's consumer thread exits
+            self._call.cancel()
+            self._session._on_broken(self, error)
 
     def close(self, timeout_s: float = 1.0) -> None:
         """Half-close (no more requests), give answers `timeout_s` to arrive, then cancel."""
@@ -236,6 +244,10 @@ class TailSession:
             serves = ", ".join(f"{m.name}:{m.version}" for m in reply.models) or "nothing"
             raise NotFoundError(f"server {c.target} has no model '{c.model}' version "
                                 f"'{c.version}' (serves: {serves})")
+        if c.builds and model.manifest_sha256 and model.manifest_sha256 not in c.builds:
+            raise NotFoundError(f"server {c.target} serves a different build of {c.model}:{c.version} "
+                                f"(manifest sha {model.manifest_sha256[:12]} vs local "
+                                f"{c.builds[0][:12]})")
         mine = key_id(c.server_key)
         if reply.key_id != mine:
             raise SealError(f"wrong server key: {c.target} opens frames sealed to key "
@@ -259,6 +271,8 @@ class TailSession:
         future: Future[Reply] = Future()
         start = time.perf_counter()
         with self._lock:
+            if self._stream is not stream:  # broke while sealing: `_on_broken` has already run
+                raise UnavailableError(f"stream to {c.target} broke before the request was sent")
             self._pending[rid] = _Pending(future, binding, response_key, len(sealed), start, stream)
         stream.send(split(head, sealed))
         return Ticket(rid, future, start + c.deadline_ms / 1e3)
@@ -294,8 +308,12 @@ class TailSession:
             raise DeadlineError(f"request {ticket.request_id}: no answer within "
                                 f"{self.config.deadline_ms} ms") from None
 
-    def probe(self, payload_bytes: int = 0, reply_bytes: int = 0) -> float:
-        """Round trip of a Probe carrying `payload_bytes` up and `reply_bytes` down, in ms."""
+    def probe(self, payload_bytes: int = 0, reply_bytes: int = 0,
+              timeout_ms: float | None = None) -> float:
+        """Round trip of a Probe carrying `payload_bytes` up and `reply_bytes` down, in ms.
+
+        `timeout_ms` defaults to the connect timeout.
+        """
         stub = self._stub
         if stub is None:
             raise UnavailableError(f"tail service {self.config.target}: not connected")
@@ -303,7 +321,7 @@ class TailSession:
         try:
             stub.Probe(pb.ProbeRequest(payload=bytes(payload_bytes), reply_bytes=reply_bytes),
                        metadata=self._metadata,
-                       timeout=self.config.connect_timeout_ms / 1e3)
+                       timeout=(timeout_ms or self.config.connect_timeout_ms) / 1e3)
         except grpc.RpcError as exc:
             raise UnavailableError(f"probe failed: {exc.code().name}") from None
         return (time.perf_counter() - t0) * 1e3
