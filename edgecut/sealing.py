@@ -227,3 +227,28 @@ def _aead(response_key: bytes) -> AESGCM:
 def _now_ms() -> int:
     """Wall clock, not monotonic: the timestamp is compared across machines."""
     return time.time_ns() // 1_000_000
+
+
+class DeviceGuards:
+    """A replay guard per authenticated device, plus one shared by unauthenticated callers.
+
+    With a single pool, one device (or anyone holding `service.pub`) that fills the cache with
+    fresh ids would get every other device refused. Device ids come from the operator's tokens
+    file, so the number of guards is bounded by it.
+    """
+
+    def __init__(self, window_ms: int = 30_000, per_device: int = 20_000,
+                 shared: int = 100_000) -> None:
+        self.window_ms, self.per_device = window_ms, per_device
+        self._shared = ReplayGuard(window_ms, shared)
+        self._by_device: dict[str, ReplayGuard] = {}
+        self._lock = threading.Lock()
+
+    def for_device(self, device_id: str | None) -> ReplayGuard:
+        if device_id is None:
+            return self._shared
+        with self._lock:
+            guard = self._by_device.get(device_id)
+            if guard is None:
+                guard = self._by_device[device_id] = ReplayGuard(self.window_ms, self.per_device)
+            return guard

@@ -59,7 +59,7 @@ class _Context:
 
     config: ServeConfig
     key: ServicePrivateKey
-    guard: sealing.ReplayGuard
+    guards: sealing.DeviceGuards
     grants: dict[str, DeviceGrant] | None
     registry: Registry
     batcher: Batcher
@@ -163,7 +163,8 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             cut = c.registry.cut(entry, head.cut)
             binding = sealing.Binding(head.model, head.version, head.cut, head.request_id)
             t0 = time.perf_counter()
-            feeds, response_key = await self._open(entry.bundle, cut, binding, sealed)
+            guard = c.guards.for_device(grant.device_id if grant is not None else None)
+            feeds, response_key = await self._open(entry.bundle, cut, binding, sealed, guard)
             t1 = time.perf_counter()
             result = await c.batcher.submit(entry.bundle, cut.id, feeds, deadline_ms=head.deadline_ms)
             t2 = time.perf_counter()
@@ -175,7 +176,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
         return pb.Answer(request_id=head.request_id, code=0, sealed=sealed_answer, timings=timings)
 
     async def _open(self, bundle: Bundle, cut: Cut, binding: sealing.Binding, sealed: bytes,
-                    ) -> tuple[dict[str, np.ndarray], bytes]:
+                    guard: sealing.ReplayGuard) -> tuple[dict[str, np.ndarray], bytes]:
         """Open the seal (replay-checked) and decode the frontier, validated against the cut.
 
         Work sized by the frame runs on a thread: the seal by its sealed size, the decode by the
@@ -183,9 +184,9 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
         """
         if len(sealed) > INLINE_OPEN_BYTES:
             payload, key = await asyncio.to_thread(sealing.open_request, self.ctx.key, binding,
-                                                   sealed, guard=self.ctx.guard)
+                                                   sealed, guard=guard)
         else:
-            payload, key = sealing.open_request(self.ctx.key, binding, sealed, guard=self.ctx.guard)
+            payload, key = sealing.open_request(self.ctx.key, binding, sealed, guard=guard)
         header = codec.header_of(payload, max_bytes=self.ctx.config.max_decoded_bytes)
         _check_batch(bundle, header)
         if header.decoded_bytes > INLINE_DECODE_BYTES:
@@ -335,7 +336,7 @@ async def create_server(config: ServeConfig, *, executor: Executor | None = None
 
     registry = Registry(config.bundles, public_key=signing, on_load=on_load, on_retire=on_retire)
     await asyncio.to_thread(registry.scan)
-    ctx = _Context(config, key, sealing.ReplayGuard(config.replay_window_ms), grants, registry,
+    ctx = _Context(config, key, sealing.DeviceGuards(config.replay_window_ms), grants, registry,
                    batcher, executor, metrics)
     server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
     edgecut_pb2_grpc.add_TailServiceServicer_to_server(TailServicer(ctx), server)

@@ -283,3 +283,19 @@ def test_bad_response_does_not_open_and_leaks_nothing(edit: str) -> None:
 def test_response_key_of_wrong_length_is_refused() -> None:
     with pytest.raises(SealError, match="response key is 16 bytes"):
         sealing.seal_response(os.urandom(16), BINDING, b"x")
+
+
+def test_device_guards_isolate_devices() -> None:
+    """One device filling its replay cache must not lock out another device."""
+    guards = sealing.DeviceGuards(window_ms=30_000, per_device=3, shared=5)
+    now = 1_000_000
+    flooder = guards.for_device("pi-7")
+    for i in range(3):
+        flooder.check(f"f{i}", now, now)
+    with pytest.raises(OverloadedError):
+        flooder.check("f3", now, now)
+    guards.for_device("jetson-2").check("j0", now, now)  # another device is unaffected
+    guards.for_device(None).check("anon", now, now)
+    assert guards.for_device("pi-7") is flooder and guards.for_device(None) is not flooder
+    with pytest.raises(ReplayError):
+        guards.for_device("jetson-2").check("j0", now, now)  # still a replay for that device
