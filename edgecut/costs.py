@@ -38,7 +38,7 @@ def cloud_times_from(profile: Profile) -> CloudTimes:
 
 def cut_costs(bundle: Bundle, edge: Profile, cloud: CloudTimes,
               codecs: Sequence[str] = DEFAULT_CODECS) -> list[CutCost]:
-    """One CutCost per allowed (cut, codec); "output" (edge-only) once, with no codec."""
+    """One CutCost per allowed (cut, codec); "output" (edge-only) once, with codec "none"."""
     m = bundle.manifest
     down = sum(t.nbytes for t in m.outputs) + SEAL_OVERHEAD_BYTES
     costs = []
@@ -46,9 +46,9 @@ def cut_costs(bundle: Bundle, edge: Profile, cloud: CloudTimes,
         edge_ms = sum(edge.segment_ms(segment_name(s.file)) for s in m.head(cut.id))
         mem = sum(bundle.path(s.file).stat().st_size for s in m.head(cut.id))
         if cut.id == m.cuts[-1].id:
-            costs.append(CutCost(cut.id, cut.depth, "-", edge_ms, 0.0, 0.0, 0, 0, 0.0, mem))
+            costs.append(CutCost(cut.id, cut.depth, "none", edge_ms, 0.0, 0.0, 0, 0, 0.0, mem))
             continue
-        cloud_ms = sum(cloud.segment_ms.get(segment_name(s.file), 0.0) for s in m.tail(cut.id))
+        cloud_ms = sum(_cloud_ms(cloud, edge, segment_name(s.file)) for s in m.tail(cut.id))
         for codec in _codecs_for(m, cut.id, codecs):
             timing = _codec_timing(edge, cut.id, codec)
             bytes_up, drop = _bytes_and_drop(m, cut.id, codec, timing)
@@ -56,6 +56,13 @@ def cut_costs(bundle: Bundle, edge: Profile, cloud: CloudTimes,
             costs.append(CutCost(cut.id, cut.depth, codec, edge_ms, encode_ms, cloud.decode_ms,
                                  bytes_up, down, cloud_ms, mem, drop))
     return costs
+
+
+def _cloud_ms(cloud: CloudTimes, edge: Profile, segment: str) -> float:
+    """The server's time for a segment; one it has not timed is assumed as slow as the edge
+    (unknown is not free: zero would make offloading look better than it is)."""
+    ms = cloud.segment_ms.get(segment)
+    return ms if ms is not None else edge.segment_ms(segment)
 
 
 def _codecs_for(m: Manifest, cut_id: str, codecs: Sequence[str]) -> list[str]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+from edgecut import serverinfo
 from edgecut.cli import stdout_console
-from edgecut.costs import CloudTimes
 from edgecut.planner import Plan
 
 
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     link = LinkConfig.parse(args.bandwidth, args.rtt)
     cloud = (cloud_times_from(load_profile(args.cloud_profile)) if args.cloud_profile
-             else _ask_server(args.cloud, bundle.manifest.model, bundle.manifest.version))
+             else serverinfo.ask(args.cloud, bundle.manifest.model, bundle.manifest.version).times)
     costs = cut_costs(bundle, load_profile(args.edge_profile), cloud, args.codec.split(","))
     constraints = Constraints(args.min_cut, args.max_edge_mem, _percent(args.max_accuracy_drop))
     result = plan(costs, LinkEstimate(link.up_bps or 1e12, link.down_bps or 1e12, link.rtt_ms,
@@ -64,26 +64,6 @@ def _percent(text: str | None) -> float | None:
     except ValueError:
         raise UsageError(f"--max-accuracy-drop '{text}' is not like 0.5% or 0.005") from None
     return value
-
-
-def _ask_server(address: str, model: str, version: str) -> CloudTimes:
-    import grpc
-
-    from edgecut.errors import NotFoundError, UnavailableError
-    from edgecut.v1 import edgecut_pb2 as pb
-    from edgecut.v1 import edgecut_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        try:
-            info = edgecut_pb2_grpc.TailServiceStub(channel).ServerInfo(pb.ServerInfoRequest(),
-                                                                        timeout=5)
-        except grpc.RpcError as exc:
-            raise UnavailableError(f"tail service {address}: {exc.code().name}") from None
-    for m in info.models:
-        if m.name == model and m.version == version:
-            times = {p.segment.removesuffix(".onnx"): p.latency_ms for c in m.cuts for p in c.tail}
-            return CloudTimes(times)
-    raise NotFoundError(f"tail service {address} does not serve {model}:{version}")
 
 
 def plan_json(result: Plan) -> dict[str, object]:

@@ -1,18 +1,19 @@
 """Which cut and codec the agent uses for the next input: fixed by the user, or planned.
 
-`AutoCut` builds the planner's cost table from this device and this server, on the first input:
-edge time per segment (measured here in a few runs, or read from `--edge-profile`), tail time per
-cut (the server's own profile from ServerInfo), and bytes and encode time per (cut, codec) from
-encoding that first input at every cut. The link starts from a few Probes and then follows the real
-transfers; `Replanner` moves the cut when the prediction moves by more than its hysteresis margin
-and logs every switch with the reason. Both classes also own the frontier encoding, so the
-calibration and image normalisation of a cut are looked up in one place.
+`AutoCut` builds the planner's cost table on the first input with the same cost model as `edgecut
+plan` (`edgecut.costs`): this device's profile (measured now with the profiler, or read from
+`--edge-profile`), the server's own tail profile from ServerInfo, and bytes from the bundle's
+fidelity report or from encoding that first input at every cut. The link starts from a few
+Probes and then follows the real transfers; `Replanner` moves the cut when the prediction moves
+by more than its hysteresis margin and logs every switch with the reason. Both classes also own
+the frontier encoding, so the calibration and image normalisation of a cut are looked up in one
+place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import statistics
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,20 +23,19 @@ import numpy as np
 
 from edgecut import codec
 from edgecut.bundle import Bundle
+from edgecut.costs import CloudTimes, cut_costs
+from edgecut.edge.profiler import profile_bundle, profile_codecs
 from edgecut.edge.runner import Runner
 from edgecut.edge.session import Reply, TailSession
 from edgecut.errors import EdgecutError
-from edgecut.planner import Constraints, CutCost, LinkEstimator, Replanner
-from edgecut.profile import load_profile
-from edgecut.sealing import Binding, seal_request
+from edgecut.planner import Constraints, LinkEstimator, Replanner
+from edgecut.profile import Profile, load_profile
 
 log = logging.getLogger(__name__)
 
 PROBE_EVERY_S = 2.0  # while edge-only, how often a Probe refreshes the link estimate
 PROBE_TIMEOUT_MS = 500.0  # per periodic Probe: a dropping link must not stall inputs for long
 BANDWIDTH_PROBE_BYTES = 256 << 10
-ANSWER_CODEC = codec.CodecSpec("none", zstd_level=1)
-_SEAL_OVERHEAD_DOWN = 28  # nonce + tag of a sealed answer
 
 
 class CutChoice(Protocol):
@@ -109,14 +109,31 @@ class AutoCut(Encoder):
         self._last_probe = 0.0
 
     def calibrate(self, feeds: Mapping[str, np.ndarray]) -> None:
-        frontiers, edge_ms = self._measure(feeds)
+        """Plan from this device's profile (measured now on `feeds`, or `--edge-profile`), the
+        server's own tail profile and the probed link — the same cost model as `edgecut plan`."""
+        cloud = self.session.info.times if self.session and self.session.info else CloudTimes({})
         self._probe_link()
-        costs = [c for cut in self.manifest.cuts for c in self._costs(cut.id, frontiers, edge_ms)]
+        costs = cut_costs(self.bundle, self._edge(feeds), cloud, [self.codec_name])
         self.replanner = Replanner(costs, self.constraints)
         row, _ = self.replanner.update(self.link.estimate())
         log.info("cut chosen by the planner (auto): %s/%s, %.1f ms predicted", row.cost.cut,
                  row.cost.codec, row.predicted_ms)
         self.ready = True
+
+    def _edge(self, feeds: Mapping[str, np.ndarray]) -> Profile:
+        """This device's timings; codec costs are always measured on the real first input, and
+        kept from a loaded profile only where it has its own figure for that (cut, codec)."""
+        codecs = (self.codec_name, "jpeg90")
+        if self.edge_profile is None:
+            return profile_bundle(self.bundle, self.runner, runtime=self.runner.name, threads=0,
+                                  codecs=codecs, runs=3, feeds=feeds)
+        loaded = load_profile(self.edge_profile)
+        log.info("edge timings from profile %s (%s, %s)", self.edge_profile, loaded.device,
+                 loaded.mode)
+        have = {(c.cut, c.codec) for c in loaded.codecs}
+        measured = profile_codecs(self.bundle, self.runner, feeds, codecs, runs=3)
+        extra = tuple(c for c in measured if (c.cut, c.codec) not in have)
+        return dataclasses.replace(loaded, codecs=loaded.codecs + extra)
 
     def current(self) -> tuple[str, str]:
         if self.replanner is None or self.replanner.current is None:
@@ -133,28 +150,6 @@ class AutoCut(Encoder):
         if self.replanner is not None:
             self.replanner.update(self.link.estimate())
 
-    def _measure(self, feeds: Mapping[str, np.ndarray],
-                 runs: int = 3) -> tuple[list[dict[str, np.ndarray]], list[float]]:
-        """Frontier at every cut, and edge latency per segment (median of `runs` after a warm-up)."""
-        segments = self.manifest.segments
-        frontiers = [dict(feeds)]
-        samples: list[list[float]] = [[] for _ in segments]
-        for run in range(runs + 1):
-            env = dict(feeds)
-            for i in range(len(segments)):
-                out = self.runner.run(env, i, i)
-                env = out.outputs
-                if run == 0:
-                    frontiers.append(env)
-                else:
-                    samples[i].append(out.timings_ms[0])
-        if self.edge_profile is None:
-            return frontiers, [statistics.median(s) for s in samples]
-        profile = load_profile(self.edge_profile)
-        log.info("edge timings from profile %s (%s, %s)", self.edge_profile, profile.device,
-                 profile.mode)
-        return frontiers, [profile.segment_ms(Path(s.file).stem) for s in segments]
-
     def _probe_link(self, timeout_ms: float | None = None) -> None:
         """Refresh the link estimate; the first failed Probe ends the round (`timeout_ms` each)."""
         if self.session is None:
@@ -169,42 +164,3 @@ class AutoCut(Encoder):
         finally:
             # After, not before: a slow round must not make the next input probe again at once.
             self._last_probe = time.perf_counter()
-
-    def _costs(self, cut: str, frontiers: list[dict[str, np.ndarray]],
-               edge_ms: list[float]) -> list[CutCost]:
-        depth = self.manifest.cut(cut).depth
-        edge = sum(edge_ms[:depth])
-        if depth == len(self.manifest.segments):
-            return [CutCost(cut, depth, "none", edge, 0.0, 0.0, 0, 0, 0.0)]
-        options = [self.codec_name if not self.codec_name.startswith("jpeg") else "int8"]
-        if depth == 0 and self.manifest.preprocess.kind == "image":
-            options = list(dict.fromkeys([*options, "jpeg90"]))
-        if depth == 0 and self.codec_name.startswith("jpeg"):
-            options = [self.codec_name]
-        cloud = self._cloud_ms(cut, edge_ms[depth:])
-        down = len(codec.encode(frontiers[-1], self.manifest.outputs, ANSWER_CODEC))
-        return [self._cost(cut, depth, name, frontiers[depth], edge, cloud,
-                           down + _SEAL_OVERHEAD_DOWN) for name in options]
-
-    def _cost(self, cut: str, depth: int, name: str, frontier: Mapping[str, np.ndarray],
-              edge: float, cloud: float, bytes_down: int) -> CutCost:
-        t0 = time.perf_counter()
-        payload = self.encode(cut, name, frontier)
-        up = len(payload)
-        if self.session is not None:
-            binding = Binding(self.manifest.model, self.manifest.version, cut, "plan")
-            up = len(seal_request(self.session.config.server_key, binding, payload)[0])
-        t1 = time.perf_counter()
-        codec.decode(payload, self.manifest.cut(cut).frontier,
-                     image_norm=(self.manifest.preprocess.mean, self.manifest.preprocess.std))
-        t2 = time.perf_counter()
-        return CutCost(cut, depth, name, edge, (t1 - t0) * 1e3, (t2 - t1) * 1e3, up, bytes_down,
-                       cloud)
-
-    def _cloud_ms(self, cut: str, local_tail_ms: list[float]) -> float:
-        info = self.session.info if self.session is not None else None
-        profiled = info.tail_ms.get(cut) if info is not None else None
-        if profiled is not None:
-            return profiled
-        log.debug("no server profile for cut %s: assuming this device's tail time", cut)
-        return sum(local_tail_ms)

@@ -96,8 +96,9 @@ class _Frame:
 
 def profile_bundle(bundle: Bundle, runner: Runner, *, runtime: str, threads: int,
                    device: str | None = None, codecs: Sequence[str] = ("int8", "jpeg90"),
-                   runs: int = 20) -> Profile:
-    feeds = synthetic_input(bundle)
+                   runs: int = 20, feeds: Mapping[str, np.ndarray] | None = None) -> Profile:
+    """Measure on `feeds` (a real input, as the agent's `--cut auto` does) or a synthetic one."""
+    feeds = feeds if feeds is not None else synthetic_input(bundle)
     return Profile(
         model=bundle.manifest.model, model_version=bundle.manifest.version,
         manifest_sha256=bundle.manifest_sha256, device=device or default_device(threads),

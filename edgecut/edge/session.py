@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from edgecut import serverinfo
+from edgecut.costs import CloudTimes
 from edgecut.errors import (
     DeadlineError,
     EdgecutError,
@@ -76,7 +78,7 @@ class ServerDescription:
     key_id: str
     device: str
     queue_delay_ms: float
-    tail_ms: dict[str, float | None]  # cut id -> summed tail profile, None when not profiled
+    times: CloudTimes  # the server's per-segment tail latency (unprofiled segments left out)
 
 
 @dataclass(frozen=True)
@@ -253,11 +255,8 @@ class TailSession:
             raise SealError(f"wrong server key: {c.target} opens frames sealed to key "
                             f"{reply.key_id}, but --server-key is key {mine}",
                             hint="copy this server's service.pub to the device")
-        # A zero latency means the server has not timed that segment: unknown, not free.
-        tail = {cut.id: (sum(s.latency_ms for s in cut.tail)
-                         if cut.tail and all(s.latency_ms > 0 for s in cut.tail) else None)
-                for cut in model.cuts}
-        return ServerDescription(reply.key_id, reply.device, reply.queue_delay_ms, tail)
+        times = serverinfo.tail_info(reply, model).times
+        return ServerDescription(reply.key_id, reply.device, reply.queue_delay_ms, times)
 
     def submit(self, cut: str, payload: bytes) -> Ticket:
         """Seal `payload` for `cut` under a fresh request id and queue it; never blocks on the wire."""

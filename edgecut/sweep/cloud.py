@@ -17,15 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
+from edgecut import serverinfo
 from edgecut.bundle import Bundle
-from edgecut.costs import CloudTimes
-from edgecut.errors import NotFoundError, ProfileError, UnavailableError, UsageError
-from edgecut.framing import grpc_options
+from edgecut.errors import ProfileError, UsageError
 from edgecut.netem import parse_address
-from edgecut.v1 import edgecut_pb2 as pb
-from edgecut.v1 import edgecut_pb2_grpc
+from edgecut.serverinfo import TailInfo
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +36,6 @@ class Endpoint:
     server_pub: Path  # its service.pub
     spawned: bool  # started by this sweep
     threads: int  # ORT threads of a spawned service (0 = all cores); -1 when not known
-
-
-@dataclass(frozen=True)
-class TailInfo:
-    """What the service says about itself for the swept model."""
-
-    device: str  # e.g. "cpu", "cuda:0 NVIDIA H100"
-    queue_delay_ms: float  # its live queue estimate
-    times: CloudTimes  # per-segment tail latency from its warm-up profile
 
 
 @contextlib.contextmanager
@@ -78,23 +65,9 @@ def endpoint(bundle: Bundle, address: str | None, server_pub: Path | None,
 
 def tail_info(address: str, model: str, version: str) -> TailInfo:
     """Ask `ServerInfo`; one clear error when unreachable, not serving the model, or unprofiled."""
-    with grpc.insecure_channel(address, options=grpc_options()) as channel:
-        stub = edgecut_pb2_grpc.TailServiceStub(channel)
-        try:
-            reply = stub.ServerInfo(pb.ServerInfoRequest(), timeout=INFO_TIMEOUT_S)
-        except grpc.RpcError as exc:
-            raise UnavailableError(f"tail service {address} is unreachable "
-                                   f"({exc.code().name})") from None
-    model_info = next((m for m in reply.models if (m.name, m.version) == (model, version)), None)
-    if model_info is None:
-        serves = ", ".join(f"{m.name}:{m.version}" for m in reply.models) or "nothing"
-        raise NotFoundError(f"tail service {address} does not serve {model}:{version} "
-                            f"(serves: {serves})")
-    times = {p.segment.removesuffix(".onnx"): p.latency_ms
-             for cut in model_info.cuts for p in cut.tail}
-    missing = sorted(name for name, ms in times.items() if ms <= 0)
-    if missing:
+    info = serverinfo.ask(address, model, version, timeout_s=INFO_TIMEOUT_S)
+    if info.unprofiled:
         raise ProfileError(f"tail service {address} reports no timing for segment(s) "
-                           f"{', '.join(missing)}: the planner cannot predict its side",
+                           f"{', '.join(info.unprofiled)}: the planner cannot predict its side",
                            hint="start it with warm-up runs (warmup_runs > 0)")
-    return TailInfo(reply.device, reply.queue_delay_ms, CloudTimes(times))
+    return info

@@ -53,7 +53,7 @@ class LinkPlan:
     cells: tuple[Cell, ...]  # grid cells, then the auto cell last
 
     def predicted_ms(self, cell: Cell) -> float:
-        row = self.plan.row(cell.cut, _cost_codec(self.plan, cell))
+        row = self.plan.row(cell.cut, cell.codec)
         return row.predicted_ms if row is not None else math.nan
 
 
@@ -225,13 +225,6 @@ def _row(link: Link, cell: Cell, r: Result, index: int, reference: int, predicte
         bytes_up=r.bytes_up, bytes_down=r.bytes_down,
         top1=r.top5[0][0] if r.top5 else -1, top1_reference=reference,
         predicted_ms=predicted, error=r.error or "")
-
-
-def _cost_codec(p: Plan, cell: Cell) -> str:
-    """The planner names the edge-only option's codec "-"; the agent calls it "none"."""
-    if cell.cut == p.rows[-1].cost.cut and cell.codec == "none":
-        return p.rows[-1].cost.codec
-    return cell.codec
 
 
 def machine() -> str:

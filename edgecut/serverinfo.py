@@ -1,0 +1,54 @@
+"""Reading a tail service's `ServerInfo`: which model builds it serves and how fast its tail
+segments run. The edge session, `edgecut plan` and the sweep all read it here, so all three
+plan with the same numbers and fail with the same messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from edgecut.costs import CloudTimes
+from edgecut.errors import NotFoundError, UnavailableError
+from edgecut.framing import grpc_options
+from edgecut.v1 import edgecut_pb2 as pb
+from edgecut.v1 import edgecut_pb2_grpc
+
+
+@dataclass(frozen=True)
+class TailInfo:
+    """What the service says about itself for one model version."""
+
+    device: str  # e.g. "cpu", "cuda:0 NVIDIA H100"
+    queue_delay_ms: float  # its live queue estimate
+    times: CloudTimes  # per-segment tail latency from its warm-up profile
+    unprofiled: tuple[str, ...]  # segments it reports no timing for (unknown, not free)
+
+
+def find_model(reply: pb.ServerInfoReply, model: str, version: str,
+               where: str) -> pb.ModelInfo:
+    found = next((m for m in reply.models if (m.name, m.version) == (model, version)), None)
+    if found is None:
+        serves = ", ".join(f"{m.name}:{m.version}" for m in reply.models) or "nothing"
+        raise NotFoundError(f"{where} does not serve {model}:{version} (serves: {serves})")
+    return found
+
+
+def tail_info(reply: pb.ServerInfoReply, model: pb.ModelInfo) -> TailInfo:
+    times = {p.segment.removesuffix(".onnx"): p.latency_ms for c in model.cuts for p in c.tail}
+    return TailInfo(reply.device, reply.queue_delay_ms,
+                    CloudTimes({s: ms for s, ms in times.items() if ms > 0}),
+                    tuple(sorted(s for s, ms in times.items() if ms <= 0)))
+
+
+def ask(address: str, model: str, version: str, timeout_s: float = 5.0) -> TailInfo:
+    """One ServerInfo call over a plaintext channel (control traffic, not the data path)."""
+    with grpc.insecure_channel(address, options=grpc_options()) as channel:
+        stub = edgecut_pb2_grpc.TailServiceStub(channel)
+        try:
+            reply = stub.ServerInfo(pb.ServerInfoRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise UnavailableError(f"tail service {address} is unreachable "
+                                   f"({exc.code().name})") from None
+    where = f"tail service {address}"
+    return tail_info(reply, find_model(reply, model, version, where))
