@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgecut.bundle import Bundle, load_bundle
+from edgecut.cli import stdout_console
 from edgecut.errors import EdgecutError, UsageError
 
 if TYPE_CHECKING:
@@ -171,9 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
-    if not console.is_terminal:  # piped: rich would assume 80 columns and truncate the table
-        console = Console(width=max(console.width, 140))
+    console = stdout_console()
     t0 = time.perf_counter()
     logging.getLogger("edgecut.edge.session").setLevel(logging.WARNING)  # one "connected" per cut
     results = run_demo(console)
