@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +212,18 @@ class Bundle:
 
     def path(self, relative: str) -> Path:
         return self.root / relative
+
+    @property
+    def build_sha256(self) -> str:
+        """Identity of the model build, the same on the edge and the tail service: the manifest
+        hash without device-only LiteRT conversions (`.tflite` files and their report), which
+        may be added to a device's copy after partitioning."""
+        m = self.manifest
+        if not any(k.endswith(".tflite") for k in m.files) and "tflite" not in m.verification:
+            return self.manifest_sha256
+        plain = replace(m, files={k: v for k, v in m.files.items() if not k.endswith(".tflite")},
+                        verification={k: v for k, v in m.verification.items() if k != "tflite"})
+        return hashlib.sha256(manifest_bytes(plain)).hexdigest()
 
     def labels(self) -> list[str] | None:
         if self.manifest.labels_file is None:

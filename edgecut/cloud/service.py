@@ -238,7 +238,7 @@ def _model_info(entry: Entry) -> pb.ModelInfo:
                                                           for s in manifest.tail(cut.id)])
             for cut in manifest.cuts]
     return pb.ModelInfo(name=manifest.model, version=manifest.version, cuts=cuts,
-                        manifest_sha256=entry.bundle.manifest_sha256)
+                        manifest_sha256=entry.bundle.build_sha256)
 
 
 def _profile(file: str, timings: dict[str, Any]) -> pb.SegmentProfile:

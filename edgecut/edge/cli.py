@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +21,7 @@ from typing import TextIO
 
 import numpy as np
 
-from edgecut.bundle import Bundle, load_bundle, manifest_bytes
+from edgecut.bundle import Bundle, load_bundle
 from edgecut.edge.agent import FALLBACKS, Agent, AgentOptions, Input, Result, file_input, image_input
 from edgecut.edge.cutchoice import AutoCut, CutChoice, FixedCut
 from edgecut.edge.runner import RUNTIMES, OrtRunner, make_runner
@@ -81,7 +79,7 @@ def _session(config: EdgeConfig, bundle: Bundle) -> TailSession | None:
     m = bundle.manifest
     return TailSession(SessionConfig(
         config.server, load_service_public(config.server_key), m.model, m.version,
-        builds=builds(bundle), deadline_ms=config.deadline_ms, token=config.token,
+        build=bundle.build_sha256, deadline_ms=config.deadline_ms, token=config.token,
         tls_ca=_read(config.tls_ca), tls_cert=_read(config.tls_cert), tls_key=_read(config.tls_key)))
 
 
@@ -92,17 +90,6 @@ def _connect(session: TailSession, fallback: str) -> None:
         if fallback != "local":
             raise
         log.warning("%s; computing locally until it is reachable", exc)
-
-
-def builds(bundle: Bundle) -> tuple[str, ...]:
-    """Manifest sha256s a server may report for this build: the bundle's own, and the manifest
-    without LiteRT head files, which `install_tflite` may have added on the device only."""
-    m = bundle.manifest
-    plain = dataclasses.replace(
-        m, files={k: v for k, v in m.files.items() if not k.endswith(".tflite")},
-        verification={k: v for k, v in m.verification.items() if k != "tflite"})
-    return tuple(dict.fromkeys([bundle.manifest_sha256,
-                                hashlib.sha256(manifest_bytes(plain)).hexdigest()]))
 
 
 @contextlib.contextmanager

@@ -60,7 +60,7 @@ class SessionConfig:
     server_key: ServicePublicKey = field(repr=False)  # frames are sealed to this key
     model: str  # model id the bundle names
     version: str  # model version the bundle names
-    builds: tuple[str, ...] = ()  # manifest sha256s of the local build (first: its own); () = any
+    build: str = ""  # the local bundle's build_sha256; "" = accept any build
     deadline_ms: int = 2000  # per request, from submit to answer
     connect_timeout_ms: int = 2000  # ServerInfo call on (re)connect
     backoff_initial_ms: float = 100.0  # first reconnect delay after a failed connect
@@ -246,10 +246,10 @@ class TailSession:
             serves = ", ".join(f"{m.name}:{m.version}" for m in reply.models) or "nothing"
             raise NotFoundError(f"server {c.target} has no model '{c.model}' version "
                                 f"'{c.version}' (serves: {serves})")
-        if c.builds and model.manifest_sha256 and model.manifest_sha256 not in c.builds:
+        if c.build and model.manifest_sha256 and model.manifest_sha256 != c.build:
             raise NotFoundError(f"server {c.target} serves a different build of {c.model}:{c.version} "
                                 f"(manifest sha {model.manifest_sha256[:12]} vs local "
-                                f"{c.builds[0][:12]})")
+                                f"{c.build[:12]})")
         mine = key_id(c.server_key)
         if reply.key_id != mine:
             raise SealError(f"wrong server key: {c.target} opens frames sealed to key "
