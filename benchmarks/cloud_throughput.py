@@ -58,16 +58,43 @@ def payloads(bundle: Bundle, cut: str) -> tuple[list[bytes], list[dict[str, np.n
 
 
 def start_server(bundles: Path, key: Path, batching: bool, threads: int) -> subprocess.Popen[str]:
-    knobs = ["--max-batch", "8", "--max-queue-delay-ms", "2"] if batching else \
-        ["--max-batch", "1", "--max-queue-delay-ms", "0"]
-    cmd = [sys.executable, "-m", "edgecut.cli", "cloud", "serve", "--bundles", str(bundles),
-           "--key", str(key), "--port", "0", "--threads", str(threads), "--poll-interval-s", "0",
-           "--max-queue", "1024", *knobs]
+    knobs = (
+        ["--max-batch", "8", "--max-queue-delay-ms", "2"]
+        if batching
+        else ["--max-batch", "1", "--max-queue-delay-ms", "0"]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgecut.cli",
+        "cloud",
+        "serve",
+        "--bundles",
+        str(bundles),
+        "--key",
+        str(key),
+        "--port",
+        "0",
+        "--threads",
+        str(threads),
+        "--poll-interval-s",
+        "0",
+        "--max-queue",
+        "1024",
+        *knobs,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
-async def one_stream(stub: Any, bundle: Bundle, cut: str, public: ServicePublicKey,
-                     bodies: list[bytes], stop_at: float, out: list[tuple[float, int]]) -> None:
+async def one_stream(
+    stub: Any,
+    bundle: Bundle,
+    cut: str,
+    public: ServicePublicKey,
+    bodies: list[bytes],
+    stop_at: float,
+    out: list[tuple[float, int]],
+) -> None:
     m = bundle.manifest
     frames: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -94,27 +121,43 @@ async def one_stream(stub: Any, bundle: Bundle, cut: str, public: ServicePublicK
         pass
 
 
-async def drive(address: str, streams: int, seconds: float, bundle: Bundle, cut: str,
-                public: ServicePublicKey, bodies: list[bytes]) -> dict[str, Any]:
+async def drive(
+    address: str,
+    streams: int,
+    seconds: float,
+    bundle: Bundle,
+    cut: str,
+    public: ServicePublicKey,
+    bodies: list[bytes],
+) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(address, options=framing.grpc_options()) as channel:
         stub = edgecut_pb2_grpc.TailServiceStub(channel)
         warm: list[tuple[float, int]] = []
-        await asyncio.gather(*(one_stream(stub, bundle, cut, public, bodies,
-                                          time.perf_counter() + 0.5, warm) for _ in range(streams)))
+        await asyncio.gather(
+            *(
+                one_stream(stub, bundle, cut, public, bodies, time.perf_counter() + 0.5, warm)
+                for _ in range(streams)
+            )
+        )
         rows: list[tuple[float, int]] = []
         t0 = time.perf_counter()
-        await asyncio.gather(*(one_stream(stub, bundle, cut, public, bodies, t0 + seconds, rows)
-                               for _ in range(streams)))
+        await asyncio.gather(
+            *(one_stream(stub, bundle, cut, public, bodies, t0 + seconds, rows) for _ in range(streams))
+        )
         wall = time.perf_counter() - t0
     latencies = sorted(r[0] for r in rows)
-    return {"requests": len(rows), "throughput_rps": len(rows) / wall,
-            "p50_ms": latencies[len(latencies) // 2],
-            "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "mean_batch": statistics.fmean(r[1] for r in rows)}
+    return {
+        "requests": len(rows),
+        "throughput_rps": len(rows) / wall,
+        "p50_ms": latencies[len(latencies) // 2],
+        "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "mean_batch": statistics.fmean(r[1] for r in rows),
+    }
 
 
-def in_process(bundle: Bundle, cut: str, feeds: list[dict[str, np.ndarray]], threads: int,
-               batch: int, seconds: float) -> float:
+def in_process(
+    bundle: Bundle, cut: str, feeds: list[dict[str, np.ndarray]], threads: int, batch: int, seconds: float
+) -> float:
     """Requests/s of the same tail, batched, called directly (no gRPC, codec or sealing)."""
     executor = OrtExecutor(OrtOptions(threads=threads))
     names = list(feeds[0])
@@ -153,8 +196,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             if not line.startswith("listening "):
                 raise RuntimeError(f"server did not start: {line!r}")
             for streams in args.streams:
-                row = asyncio.run(drive(line.split()[1], streams, args.seconds, bundle, cut,
-                                        public, bodies))
+                row = asyncio.run(drive(line.split()[1], streams, args.seconds, bundle, cut, public, bodies))
                 rows.append({"streams": streams, "batching": batching, **row})
                 print_row(rows[-1])
         finally:
@@ -162,19 +204,29 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             server.wait(30)
     reference = in_process(bundle, cut, feeds, args.threads, 8, args.seconds)
     best = max(r["throughput_rps"] for r in rows if r["batching"])
-    return {"cut": cut, "frontier": [list(t.shape) for t in bundle.manifest.cut(cut).frontier],
-            "codec": str(WIRE_CODEC), "batchable": bundle.manifest.batchable,
-            "tail_segments": [s.file for s in bundle.manifest.tail(cut)],
-            "server_threads": args.threads, "seconds_per_point": args.seconds, "rows": rows,
-            "in_process_batched_rps": reference, "ratio_best_to_in_process": best / reference,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                       "server and clients on the same machine, loopback",
-            "command": "python benchmarks/cloud_throughput.py " + " ".join(sys.argv[1:])}
+    return {
+        "cut": cut,
+        "frontier": [list(t.shape) for t in bundle.manifest.cut(cut).frontier],
+        "codec": str(WIRE_CODEC),
+        "batchable": bundle.manifest.batchable,
+        "tail_segments": [s.file for s in bundle.manifest.tail(cut)],
+        "server_threads": args.threads,
+        "seconds_per_point": args.seconds,
+        "rows": rows,
+        "in_process_batched_rps": reference,
+        "ratio_best_to_in_process": best / reference,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        "server and clients on the same machine, loopback",
+        "command": "python benchmarks/cloud_throughput.py " + " ".join(sys.argv[1:]),
+    }
 
 
 def print_row(r: dict[str, Any]) -> None:
-    print(f"{r['streams']:>7} {'on' if r['batching'] else 'off':>8} {r['throughput_rps']:>9.1f} "
-          f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['mean_batch']:>6.2f}", flush=True)
+    print(
+        f"{r['streams']:>7} {'on' if r['batching'] else 'off':>8} {r['throughput_rps']:>9.1f} "
+        f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['mean_batch']:>6.2f}",
+        flush=True,
+    )
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -192,8 +244,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax2.plot(xs, [r["p50_ms"] for r in rows], "o-", label=f"{label} p50")
         ax2.plot(xs, [r["p99_ms"] for r in rows], "x--", label=f"{label} p99")
     ax1.axhline(result["in_process_batched_rps"], color="gray", ls=":", label="in-process, batched")
-    ax1.set(xscale="log", xlabel="concurrent edge streams", ylabel="requests / s",
-            title=f"tail after cut {result['cut']} (EfficientNet-Lite0)")
+    ax1.set(
+        xscale="log",
+        xlabel="concurrent edge streams",
+        ylabel="requests / s",
+        title=f"tail after cut {result['cut']} (EfficientNet-Lite0)",
+    )
     ax2.set(xscale="log", yscale="log", xlabel="concurrent edge streams", ylabel="latency, ms")
     for ax in (ax1, ax2):
         ax.legend(fontsize=8)
@@ -217,8 +273,10 @@ def main() -> None:
     print(f"{'streams':>7} {'batching':>8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(args, Path(tmp))
-    print(f"in-process batched: {result['in_process_batched_rps']:.1f} req/s; best service / "
-          f"in-process = {result['ratio_best_to_in_process']:.2f} (cut {result['cut']})")
+    print(
+        f"in-process batched: {result['in_process_batched_rps']:.1f} req/s; best service / "
+        f"in-process = {result['ratio_best_to_in_process']:.2f} (cut {result['cut']})"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))

@@ -30,10 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgecut.demo import cache_dir, cached_bundle, tail_service
+from edgecut.apps.demo import cache_dir, cached_bundle
+from edgecut.cloud.spawn import tail_service
 from edgecut.edge.agent import Result, image_input
-from edgecut.edge.cli import EdgeConfig, start_agent
 from edgecut.edge.session import SessionConfig, TailSession
+from edgecut.edge.startup import EdgeConfig, start_agent
 from edgecut.images import sample_photos
 from edgecut.keys import generate_keys, load_service_public
 
@@ -58,8 +59,10 @@ def measure_link(address: str, pub: Path, model: str, version: str) -> dict[str,
 
 def run_cut(config: EdgeConfig, passes: int) -> list[Result]:
     photos = sample_photos()
-    items = [image_input(i, f"{name}#{p}", im)
-             for i, (p, (name, im)) in enumerate((p, x) for p in range(passes) for x in photos)]
+    items = [
+        image_input(i, f"{name}#{p}", im)
+        for i, (p, (name, im)) in enumerate((p, x) for p in range(passes) for x in photos)
+    ]
     results: list[Result] = []
     with start_agent(config) as agent:
         agent.run(items, results.append)
@@ -69,10 +72,22 @@ def run_cut(config: EdgeConfig, passes: int) -> list[Result]:
 def summarize(cut: str, codec: str, results: list[Result], link: dict[str, float]) -> dict[str, Any]:
     cloud = [r for r in results if r.where == "cloud"]
     local = [r for r in results if r.where == "local" and not r.error]
-    row: dict[str, Any] = {"cut": cut, "codec": codec, "requests": len(results),
-                           "failed": sum(r.where == "failed" for r in results)}
-    keys = ("edge_ms", "encode_ms", "wire_ms", "server_queue_ms", "server_decode_ms",
-            "server_compute_ms", "server_encode_ms", "total_ms")
+    row: dict[str, Any] = {
+        "cut": cut,
+        "codec": codec,
+        "requests": len(results),
+        "failed": sum(r.where == "failed" for r in results),
+    }
+    keys = (
+        "edge_ms",
+        "encode_ms",
+        "wire_ms",
+        "server_queue_ms",
+        "server_decode_ms",
+        "server_compute_ms",
+        "server_encode_ms",
+        "total_ms",
+    )
     for key in keys:
         row[key] = statistics.median(r.timings_ms.get(key, 0.0) for r in cloud or local)
     row["bytes_up"] = statistics.median(r.bytes_up for r in cloud) if cloud else 0
@@ -90,8 +105,13 @@ def _unaccounted(r: Result) -> float:
 
 def _overhead(r: Result, link: dict[str, float]) -> float:
     t = r.timings_ms
-    ideal = (t["edge_ms"] + t["encode_ms"] + t["server_compute_ms"]
-             + r.bytes_up * 8 / link["up_bps"] * 1e3 + link["rtt_ms"])
+    ideal = (
+        t["edge_ms"]
+        + t["encode_ms"]
+        + t["server_compute_ms"]
+        + r.bytes_up * 8 / link["up_bps"] * 1e3
+        + link["rtt_ms"]
+    )
     return t["total_ms"] / ideal
 
 
@@ -101,9 +121,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = [("edge_ms", "edge"), ("encode_ms", "encode+seal"), ("wire_ms", "wire"),
-             ("server_queue_ms", "server queue"), ("server_decode_ms", "server decode"),
-             ("server_compute_ms", "server compute"), ("server_encode_ms", "server encode")]
+    parts = [
+        ("edge_ms", "edge"),
+        ("encode_ms", "encode+seal"),
+        ("wire_ms", "wire"),
+        ("server_queue_ms", "server queue"),
+        ("server_decode_ms", "server decode"),
+        ("server_compute_ms", "server compute"),
+        ("server_encode_ms", "server encode"),
+    ]
     labels = [f"{r['cut']}\n{r['codec']}" for r in rows]
     fig, ax = plt.subplots(figsize=(12, 5))
     bottom = [0.0] * len(rows)
@@ -135,19 +161,33 @@ def main() -> None:
     passes = 1 if args.quick else args.passes
     with tempfile.TemporaryDirectory() as tmp:
         keys = generate_keys(Path(tmp) / "keys")
-        with tail_service(bundle.root.parent, keys.service_key, "--max-queue-delay-ms", "0",
-                          "--threads", "1") as address:
+        with tail_service(
+            bundle.root.parent, keys.service_key, "--max-queue-delay-ms", "0", "--threads", "1"
+        ) as address:
             link = measure_link(address, keys.service_pub, m.model, m.version)
             rows = []
             for cut, codec in cuts:
-                config = EdgeConfig(bundle=bundle.root, server=address, server_key=keys.service_pub,
-                                    cut=cut, codec=codec, in_flight=1, threads=1, fallback="fail")
+                config = EdgeConfig(
+                    bundle=bundle.root,
+                    server=address,
+                    server_key=keys.service_pub,
+                    cut=cut,
+                    codec=codec,
+                    in_flight=1,
+                    threads=1,
+                    fallback="fail",
+                )
                 rows.append(summarize(cut, codec, run_cut(config, passes), link))
-    report = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": platform.platform(),
-              "cpu_count": os.cpu_count(), "model": bundle.name,
-              "setup": "edge agent in-process, tail service subprocess, 127.0.0.1, in_flight=1, "
-                       "server max_queue_delay_ms=0, 1 ORT thread each side",
-              "link": link, "rows": rows}
+    report = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "model": bundle.name,
+        "setup": "edge agent in-process, tail service subprocess, 127.0.0.1, in_flight=1, "
+        "server max_queue_delay_ms=0, 1 ORT thread each side",
+        "link": link,
+        "rows": rows,
+    }
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / ("edge_loopback_quick.json" if args.quick else "edge_loopback.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -158,14 +198,40 @@ def main() -> None:
 
 def print_table(rows: list[dict[str, Any]], link: dict[str, float]) -> None:
     print(f"loopback: RTT {link['rtt_ms']:.2f} ms, up {link['up_bps'] / 1e9:.2f} Gbit/s")
-    head = ("cut", "codec", "bytes up", "edge", "enc", "wire", "queue", "sdec", "compute", "senc",
-            "total", "overhead", "vs stages")
+    head = (
+        "cut",
+        "codec",
+        "bytes up",
+        "edge",
+        "enc",
+        "wire",
+        "queue",
+        "sdec",
+        "compute",
+        "senc",
+        "total",
+        "overhead",
+        "vs stages",
+    )
     print(("{:<7}{:<8}" + "{:>10}" * (len(head) - 2)).format(*head))
     for r in rows:
-        print(("{:<7}{:<8}{:>10}" + "{:>10.2f}" * 8 + "{:>10.3f}" * 2).format(
-            r["cut"], r["codec"], int(r["bytes_up"]), r["edge_ms"], r["encode_ms"], r["wire_ms"],
-            r["server_queue_ms"], r["server_decode_ms"], r["server_compute_ms"],
-            r["server_encode_ms"], r["total_ms"], r["overhead"], r["unaccounted"]))
+        print(
+            ("{:<7}{:<8}{:>10}" + "{:>10.2f}" * 8 + "{:>10.3f}" * 2).format(
+                r["cut"],
+                r["codec"],
+                int(r["bytes_up"]),
+                r["edge_ms"],
+                r["encode_ms"],
+                r["wire_ms"],
+                r["server_queue_ms"],
+                r["server_decode_ms"],
+                r["server_compute_ms"],
+                r["server_encode_ms"],
+                r["total_ms"],
+                r["overhead"],
+                r["unaccounted"],
+            )
+        )
 
 
 if __name__ == "__main__":

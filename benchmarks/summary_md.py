@@ -12,14 +12,18 @@ from pathlib import Path
 
 def table(path: Path) -> str:
     s = json.loads(path.read_text())["summary"]
-    rows = ["| link | auto | auto ms | predicted | oracle | oracle ms | regret | edge-only ms "
-            "| cloud-only ms | auto ÷ best baseline | overhead |",
-            "|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|"]
+    rows = [
+        "| link | auto | auto ms | predicted | oracle | oracle ms | regret | edge-only ms "
+        "| cloud-only ms | auto ÷ best baseline | overhead |",
+        "|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|",
+    ]
     for x in s["links"]:
-        rows.append(f"| {x['bandwidth']} / {x['rtt_ms']:g} ms | {x['auto']} | {x['auto_ms']:.1f} | "
-                    f"{x['auto_predicted_ms']:.1f} | {x['oracle']} | {x['oracle_ms']:.1f} | "
-                    f"{x['regret']:.3f} | {x['edge_only_ms']:.1f} | {x['cloud_only_ms']:.1f} | "
-                    f"{x['auto_vs_best_baseline']:.3f} | {x['overhead']:.3f} |")
+        rows.append(
+            f"| {x['bandwidth']} / {x['rtt_ms']:g} ms | {x['auto']} | {x['auto_ms']:.1f} | "
+            f"{x['auto_predicted_ms']:.1f} | {x['oracle']} | {x['oracle_ms']:.1f} | "
+            f"{x['regret']:.3f} | {x['edge_only_ms']:.1f} | {x['cloud_only_ms']:.1f} | "
+            f"{x['auto_vs_best_baseline']:.3f} | {x['overhead']:.3f} |"
+        )
     t = s["totals"]
     rows.append("")
     rows.append(
@@ -31,7 +35,8 @@ def table(path: Path) -> str:
         f"{t['speedup_vs_cloud_only_geomean']:.2f}×; overhead median {t['overhead_median']:.3f}, "
         f"worst {t['overhead_max']:.3f}; prediction error median "
         f"{t['prediction_error_abs_median_pct']:.1f} %, max {t['prediction_error_abs_max_pct']:.1f} %; "
-        f"failed requests {t['failed_requests']}.")
+        f"failed requests {t['failed_requests']}."
+    )
     return "\n".join(rows)
 
 

@@ -159,8 +159,7 @@ def _manifest_from_json(d: Mapping[str, Any]) -> Manifest:
         for c in d["cuts"]
     )
     segments = tuple(
-        Segment(str(s["file"]), str(s["start"]), str(s["end"]), tuple(s["inputs"]),
-                tuple(s["outputs"]))
+        Segment(str(s["file"]), str(s["start"]), str(s["end"]), tuple(s["inputs"]), tuple(s["outputs"]))
         for s in d["segments"]
     )
     if len(segments) != len(cuts) - 1:
@@ -170,8 +169,9 @@ def _manifest_from_json(d: Mapping[str, Any]) -> Manifest:
         version=str(d["version"]),
         inputs=tuple(map(_spec, d["inputs"])),
         outputs=tuple(map(_spec, d["outputs"])),
-        preprocess=Preprocess(str(pre["kind"]), tuple(pre["size"]), tuple(pre["mean"]),
-                              tuple(pre["std"]), str(pre["layout"])),
+        preprocess=Preprocess(
+            str(pre["kind"]), tuple(pre["size"]), tuple(pre["mean"]), tuple(pre["std"]), str(pre["layout"])
+        ),
         cuts=cuts,
         segments=segments,
         files={str(k): str(v) for k, v in d["files"].items()},
@@ -221,8 +221,11 @@ class Bundle:
         m = self.manifest
         if not any(k.endswith(".tflite") for k in m.files) and "tflite" not in m.verification:
             return self.manifest_sha256
-        plain = replace(m, files={k: v for k, v in m.files.items() if not k.endswith(".tflite")},
-                        verification={k: v for k, v in m.verification.items() if k != "tflite"})
+        plain = replace(
+            m,
+            files={k: v for k, v in m.files.items() if not k.endswith(".tflite")},
+            verification={k: v for k, v in m.verification.items() if k != "tflite"},
+        )
         return hashlib.sha256(manifest_bytes(plain)).hexdigest()
 
     def labels(self) -> list[str] | None:
@@ -231,8 +234,12 @@ class Bundle:
         return list(json.loads(self.path(self.manifest.labels_file).read_text()))
 
 
-def load_bundle(root: Path | str, *, public_key: Any = None, require_signature: bool = False,
-                ) -> Bundle:
+def load_bundle(
+    root: Path | str,
+    *,
+    public_key: Any = None,
+    require_signature: bool = False,
+) -> Bundle:
     """Read and verify a bundle. `public_key` is an Ed25519 key from `edgecut.keys`.
 
     Hashes are always checked: a bundle is the thing that crosses from a workstation to devices and
@@ -293,9 +300,7 @@ def _check_file(root: Path, rel: str, digest: str, model: str) -> None:
     if not path.is_file():
         raise IntegrityError(f"bundle '{model}': file '{rel}' is missing")
     if sha256_file(path) != digest:
-        raise IntegrityError(
-            f"bundle '{model}' {rel}: sha256 mismatch — file changed after partitioning"
-        )
+        raise IntegrityError(f"bundle '{model}' {rel}: sha256 mismatch — file changed after partitioning")
 
 
 def write_manifest(root: Path, manifest: Manifest, signing_key: Any = None) -> None:

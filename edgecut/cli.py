@@ -11,9 +11,9 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from edgecut import __version__
+from edgecut.console import stderr_console
 from edgecut.errors import EdgecutError
 
 log = logging.getLogger("edgecut")
@@ -27,8 +27,8 @@ VERBS = {
     "edge": ("edgecut.edge.cli", "run the edge agent on a device"),
     "profile": ("edgecut.edge.profile_cli", "measure per-segment latency on this device"),
     "plan": ("edgecut.plan_cli", "predict latency per cut and choose one"),
-    "demo": ("edgecut.demo", "split inference of real photos through a local tail service"),
-    "bench": ("edgecut.bench", "sweep split points over bandwidths"),
+    "demo": ("edgecut.apps.demo", "split inference of real photos through a local tail service"),
+    "bench": ("edgecut.apps.bench", "sweep split points over bandwidths"),
     "netem": ("edgecut.netem_cli", "emulate a slow link as a TCP proxy"),
 }
 
@@ -49,18 +49,11 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
-    handler = RichHandler(show_path=False, console=_stderr_console())
+    handler = RichHandler(show_path=False, console=stderr_console())
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
-
-
-def _stderr_console() -> Any:
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    return console if console.is_terminal else Console(stderr=True, width=150)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,11 +80,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def stdout_console() -> Any:
-    """A rich console for tables: full width on a terminal, 150 columns when piped or logged."""
-    from rich.console import Console
-
-    console = Console()
-    return console if console.is_terminal else Console(width=150)

@@ -32,12 +32,15 @@ def segment_name(file: str) -> str:
 
 
 def cloud_times_from(profile: Profile) -> CloudTimes:
-    return CloudTimes({t.segment: t.latency_ms for t in profile.segments},
-                      max((c.decode_ms for c in profile.codecs), default=0.0))
+    return CloudTimes(
+        {t.segment: t.latency_ms for t in profile.segments},
+        max((c.decode_ms for c in profile.codecs), default=0.0),
+    )
 
 
-def cut_costs(bundle: Bundle, edge: Profile, cloud: CloudTimes,
-              codecs: Sequence[str] = DEFAULT_CODECS) -> list[CutCost]:
+def cut_costs(
+    bundle: Bundle, edge: Profile, cloud: CloudTimes, codecs: Sequence[str] = DEFAULT_CODECS
+) -> list[CutCost]:
     """One CutCost per allowed (cut, codec); "output" (edge-only) once, with codec "none"."""
     m = bundle.manifest
     down = sum(t.nbytes for t in m.outputs) + SEAL_OVERHEAD_BYTES
@@ -53,8 +56,21 @@ def cut_costs(bundle: Bundle, edge: Profile, cloud: CloudTimes,
             timing = _codec_timing(edge, cut.id, codec)
             bytes_up, drop = _bytes_and_drop(m, cut.id, codec, timing)
             encode_ms = timing.encode_ms if timing else 0.0
-            costs.append(CutCost(cut.id, cut.depth, codec, edge_ms, encode_ms, cloud.decode_ms,
-                                 bytes_up, down, cloud_ms, mem, drop))
+            costs.append(
+                CutCost(
+                    cut.id,
+                    cut.depth,
+                    codec,
+                    edge_ms,
+                    encode_ms,
+                    cloud.decode_ms,
+                    bytes_up,
+                    down,
+                    cloud_ms,
+                    mem,
+                    drop,
+                )
+            )
     return costs
 
 
@@ -84,8 +100,7 @@ def _same_codec(a: str, b: str) -> bool:
     return str(CodecSpec.parse(a)) == str(CodecSpec.parse(b))
 
 
-def _bytes_and_drop(m: Manifest, cut_id: str, codec: str,
-                    timing: CodecTiming | None) -> tuple[int, float]:
+def _bytes_and_drop(m: Manifest, cut_id: str, codec: str, timing: CodecTiming | None) -> tuple[int, float]:
     """Sealed request bytes and accuracy drop: fidelity report (real photos) first, then the
     profile's measurement (one synthetic input, already sealed), then an estimate."""
     row = _fidelity(m, cut_id, codec)
@@ -94,12 +109,10 @@ def _bytes_and_drop(m: Manifest, cut_id: str, codec: str,
         return int(float(str(row["bytes"]))) + SEAL_OVERHEAD_BYTES, drop
     if timing is not None:
         return timing.bytes_, drop
-    scheme = codec.split("-")[0].rstrip("0123456789") if codec.startswith("jpeg") else \
-        codec.split("-")[0]
+    scheme = codec.split("-")[0].rstrip("0123456789") if codec.startswith("jpeg") else codec.split("-")[0]
     elems = sum(t.numel for t in m.cut(cut_id).frontier)
     return elems * BITS.get(scheme, 32) // 8 + SEAL_OVERHEAD_BYTES, drop
 
 
 def _codec_timing(edge: Profile, cut_id: str, codec: str) -> CodecTiming | None:
-    return next((c for c in edge.codecs if c.cut == cut_id and _same_codec(c.codec, codec)),
-                None)
+    return next((c for c in edge.codecs if c.cut == cut_id and _same_codec(c.codec, codec)), None)

@@ -32,8 +32,10 @@ MAX_PENDING_S = 30.0  # a partial request whose chunks stop arriving is dropped 
 
 def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     """Channel/server options that make the message limit explicit on both sides."""
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,15 @@ class _Pending:
 class Reassembler:
     """Per-stream state: collects chunks until a request is whole. Not thread-safe (one stream)."""
 
-    def __init__(self, max_request_bytes: int = MAX_REQUEST_BYTES, max_pending: int = 64, *,
-                 max_pending_bytes: int | None = None, max_pending_s: float = MAX_PENDING_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        max_pending: int = 64,
+        *,
+        max_pending_bytes: int | None = None,
+        max_pending_s: float = MAX_PENDING_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_request_bytes = max_request_bytes
         self.max_pending = max_pending
         self.max_pending_bytes = 2 * max_request_bytes if max_pending_bytes is None else max_pending_bytes
@@ -91,9 +99,17 @@ class Reassembler:
         old = [p for p in self._pending.values() if now - p.started_s > self.max_pending_s]
         for p in old:
             del self._pending[p.head.request_id]
-        return [(p.head, DeadlineError(f"request '{p.head.request_id}': {len(p.parts)} of "
-                                       f"{p.count} chunks arrived in {self.max_pending_s:g} s; "
-                                       "dropped")) for p in old]
+        return [
+            (
+                p.head,
+                DeadlineError(
+                    f"request '{p.head.request_id}': {len(p.parts)} of "
+                    f"{p.count} chunks arrived in {self.max_pending_s:g} s; "
+                    "dropped"
+                ),
+            )
+            for p in old
+        ]
 
     def add(self, frame: pb.Frame) -> tuple[RequestHead, bytes] | None:
         """The whole request once its last chunk arrives; None while incomplete.
@@ -117,8 +133,9 @@ class Reassembler:
         else:
             pending = self._pending[rid]
         if frame.chunk_index != len(pending.parts):
-            raise CodecError(f"request '{rid}': chunk {frame.chunk_index} arrived, "
-                             f"expected {len(pending.parts)}")
+            raise CodecError(
+                f"request '{rid}': chunk {frame.chunk_index} arrived, expected {len(pending.parts)}"
+            )
         pending.size += len(frame.sealed)
         if pending.size > pending.total:
             raise CodecError(f"request '{rid}': chunks exceed the announced {pending.total} bytes")
@@ -127,8 +144,7 @@ class Reassembler:
             return None
         del self._pending[rid]
         if pending.size != pending.total:
-            raise CodecError(f"request '{rid}': {pending.size} bytes arrived, "
-                             f"{pending.total} announced")
+            raise CodecError(f"request '{rid}': {pending.size} bytes arrived, {pending.total} announced")
         return self._local(pending), b"".join(pending.parts)
 
     def _local(self, pending: _Pending) -> RequestHead:
@@ -145,20 +161,25 @@ class Reassembler:
         if rid in self._pending:
             raise CodecError(f"request '{rid}' started twice on this stream")
         if frame.total_bytes > self.max_request_bytes:
-            raise FrameTooLargeError(f"request '{rid}' announces {frame.total_bytes} bytes; "
-                                     f"this server accepts at most {self.max_request_bytes}")
+            raise FrameTooLargeError(
+                f"request '{rid}' announces {frame.total_bytes} bytes; "
+                f"this server accepts at most {self.max_request_bytes}"
+            )
         if not 1 <= frame.chunk_count <= max(1, frame.total_bytes):
-            raise CodecError(f"request '{rid}': chunk_count {frame.chunk_count} does not fit "
-                             f"{frame.total_bytes} bytes")
+            raise CodecError(
+                f"request '{rid}': chunk_count {frame.chunk_count} does not fit {frame.total_bytes} bytes"
+            )
         if frame.chunk_count > 1 and len(self._pending) >= self.max_pending:
-            raise FrameTooLargeError(f"request '{rid}': more than {self.max_pending} chunked "
-                                     "requests pending on one stream")
+            raise FrameTooLargeError(
+                f"request '{rid}': more than {self.max_pending} chunked requests pending on one stream"
+            )
         held = sum(p.total for p in self._pending.values())
         if frame.chunk_count > 1 and held + frame.total_bytes > self.max_pending_bytes:
-            raise FrameTooLargeError(f"request '{rid}': {held} bytes of partial requests already "
-                                     f"pending on this stream; at most {self.max_pending_bytes}")
-        head = RequestHead(rid, frame.model, frame.version, frame.cut, frame.deadline_ms,
-                           frame.sent_at_ms)
+            raise FrameTooLargeError(
+                f"request '{rid}': {held} bytes of partial requests already "
+                f"pending on this stream; at most {self.max_pending_bytes}"
+            )
+        head = RequestHead(rid, frame.model, frame.version, frame.cut, frame.deadline_ms, frame.sent_at_ms)
         pending = _Pending(head, frame.chunk_count, frame.total_bytes, self._clock())
         self._pending[rid] = pending
         return pending

@@ -16,10 +16,16 @@ from edgecut.bundle import Preprocess
 from edgecut.errors import ImageError, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-SAMPLE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry",
-                 "hubble_deep_field", "camera")
+SAMPLE_PHOTOS = (
+    "chelsea",
+    "coffee",
+    "astronaut",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "camera",
+)
 MAX_PIXELS = 64_000_000  # refuse decompression-bomb images before decoding
-
 
 
 def load_image(source: Path | bytes, label: str | None = None) -> np.ndarray:
@@ -60,8 +66,7 @@ def sample_photos() -> list[tuple[str, np.ndarray]]:
     try:
         from skimage import data
     except ModuleNotFoundError as exc:
-        raise UsageError("sample photos need scikit-image",
-                         hint='pip install "edgecut[partition]"') from exc
+        raise UsageError("sample photos need scikit-image", hint='pip install "edgecut[partition]"') from exc
     photos = []
     for name in SAMPLE_PHOTOS:
         img = np.asarray(getattr(data, name)())

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from edgecut.bundle import Bundle, load_bundle
-from edgecut.cli import stdout_console
+from edgecut.console import stdout_console
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,8 +29,13 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle, public_key=key)
     if args.json:
         m = bundle.manifest.to_json()
-        print(json.dumps({k: m[k] for k in ("model", "version", "cuts", "verification",
-                                            "fidelity")} | {"signed": bundle.signed}, indent=1))
+        print(
+            json.dumps(
+                {k: m[k] for k in ("model", "version", "cuts", "verification", "fidelity")}
+                | {"signed": bundle.signed},
+                indent=1,
+            )
+        )
         return 0
     console = stdout_console()
     console.print(cuts_table(bundle))
@@ -50,9 +55,10 @@ def _human(n: float) -> str:
 def cuts_table(bundle: Bundle) -> Table:
     m = bundle.manifest
     v = m.verification
-    title = (f"{bundle.name} — {len(m.cuts)} cuts, verified max |Δ| "
-             f"{v.get('max_abs_diff', float('nan')):.2g}"
-             + (", signature verified" if bundle.signed else ""))
+    title = (
+        f"{bundle.name} — {len(m.cuts)} cuts, verified max |Δ| "
+        f"{v.get('max_abs_diff', float('nan')):.2g}" + (", signature verified" if bundle.signed else "")
+    )
     t = Table(title=title)
     for col in ("cut", "depth", "frontier", "fp32 bytes", "edge segments"):
         t.add_column(col, justify="right" if col in ("depth", "fp32 bytes") else "left")
@@ -64,11 +70,19 @@ def cuts_table(bundle: Bundle) -> Table:
 
 def fidelity_table(bundle: Bundle) -> Table:
     rows = bundle.manifest.fidelity
-    t = Table(title="codec fidelity on held-out photos" if rows else
-              "no fidelity report (partition with --calibrate builtin)")
+    t = Table(
+        title="codec fidelity on held-out photos"
+        if rows
+        else "no fidelity report (partition with --calibrate builtin)"
+    )
     for col in ("cut", "codec", "bytes", "top-1 agreement", "max |Δ logit|"):
         t.add_column(col, justify="left" if col in ("cut", "codec") else "right")
     for r in rows:
-        t.add_row(str(r["cut"]), str(r["codec"]), _human(float(r["bytes"])),
-                  f"{100 * float(r['agreement']):.1f} %", f"{float(r['max_abs_error']):.3g}")
+        t.add_row(
+            str(r["cut"]),
+            str(r["codec"]),
+            _human(float(r["bytes"])),
+            f"{100 * float(r['agreement']):.1f} %",
+            f"{float(r['max_abs_error']):.3g}",
+        )
     return t

@@ -97,9 +97,7 @@ def generate_keys(out_dir: Path, *, suite: str = "x25519", force: bool = False) 
     """
     if suite not in SUITES:
         raise UsageError(f"unknown key suite {suite!r}; choose one of: {', '.join(SUITES)}")
-    paths = KeyPaths(
-        *(out_dir / n for n in ("service.key", "service.pub", "signing.key", "signing.pub"))
-    )
+    paths = KeyPaths(*(out_dir / n for n in ("service.key", "service.pub", "signing.key", "signing.pub")))
     existing = [str(p) for p in vars(paths).values() if p.exists()]
     if existing and not force:
         raise KeyFileError(
@@ -125,9 +123,7 @@ def load_service_private(path: Path) -> ServicePrivateKey:
     elif kinds == _HYBRID_PRIVATE:
         ml, xk = keys  # sorted by kind name: ML-KEM-768 first
         key = hpke.MLKEM768X25519PrivateKey(ml, xk)
-        public = _service_public(
-            "mlkem768-x25519", key.public_key(), [ml.public_key(), xk.public_key()]
-        )
+        public = _service_public("mlkem768-x25519", key.public_key(), [ml.public_key(), xk.public_key()])
     else:
         raise _wrong_kind(path, kinds, "a service private key (service.key)")
     _check_private_mode(path)
@@ -207,9 +203,7 @@ def _private_pem(
 def _public_pem(
     key: x25519.X25519PublicKey | mlkem.MLKEM768PublicKey | ed25519.Ed25519PublicKey,
 ) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
@@ -267,8 +261,7 @@ def _parse_block(path: Path, block: bytes, label: bytes, wanted: str) -> object:
     except (ValueError, TypeError, UnsupportedAlgorithm):
         pass  # unreadable or passphrase-protected: reported below without the cause's bytes
     raise KeyFileError(
-        f"key file {path} holds an unreadable or unsupported "
-        f"'{label.decode()}' block; expected {wanted}"
+        f"key file {path} holds an unreadable or unsupported '{label.decode()}' block; expected {wanted}"
     )
 
 

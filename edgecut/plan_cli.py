@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from edgecut import serverinfo
-from edgecut.cli import stdout_console
+from edgecut.console import stdout_console
 from edgecut.planner import Plan
 
 
@@ -23,8 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtt", default="0ms", help="round-trip time, e.g. 40ms")
     p.add_argument("--queue-ms", type=float, default=0.0, help="server queue delay to assume")
     p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
-    p.add_argument("--min-cut", type=int, default=0,
-                   help="forbid the first N cuts (privacy: raw input never leaves the device)")
+    p.add_argument(
+        "--min-cut",
+        type=int,
+        default=0,
+        help="forbid the first N cuts (privacy: raw input never leaves the device)",
+    )
     p.add_argument("--codec", default="int8-channel", help="codec(s), comma separated")
     p.add_argument("--max-accuracy-drop", help="e.g. 0.5%% (top-1 disagreement budget)")
     p.add_argument("--max-edge-mem", type=int, help="bytes of segment weights the edge may hold")
@@ -41,12 +45,19 @@ def run(args: argparse.Namespace) -> int:
 
     bundle = load_bundle(args.bundle)
     link = LinkConfig.parse(args.bandwidth, args.rtt)
-    cloud = (cloud_times_from(load_profile(args.cloud_profile)) if args.cloud_profile
-             else serverinfo.ask(args.cloud, bundle.manifest.model, bundle.manifest.version).times)
+    cloud = (
+        cloud_times_from(load_profile(args.cloud_profile))
+        if args.cloud_profile
+        else serverinfo.ask(args.cloud, bundle.manifest.model, bundle.manifest.version).times
+    )
     costs = cut_costs(bundle, load_profile(args.edge_profile), cloud, args.codec.split(","))
     constraints = Constraints(args.min_cut, args.max_edge_mem, _percent(args.max_accuracy_drop))
-    result = plan(costs, LinkEstimate(link.up_bps or 1e12, link.down_bps or 1e12, link.rtt_ms,
-                                      args.queue_ms), constraints, args.objective)
+    result = plan(
+        costs,
+        LinkEstimate(link.up_bps or 1e12, link.down_bps or 1e12, link.rtt_ms, args.queue_ms),
+        constraints,
+        args.objective,
+    )
     if args.json:
         print(json.dumps(plan_json(result), indent=1))
     else:
@@ -67,24 +78,53 @@ def _percent(text: str | None) -> float | None:
 
 
 def plan_json(result: Plan) -> dict[str, object]:
-    return {"objective": result.objective, "chosen": {"cut": result.chosen.cost.cut,
-                                                      "codec": result.chosen.cost.codec},
-            "rows": [{"cut": r.cost.cut, "codec": r.cost.codec, "predicted_ms": r.predicted_ms,
-                      "stages_ms": dict(r.stages_ms), "bytes_up": r.cost.bytes_up,
-                      "allowed": r.allowed, "reason": r.reason} for r in result.rows]}
+    return {
+        "objective": result.objective,
+        "chosen": {"cut": result.chosen.cost.cut, "codec": result.chosen.cost.codec},
+        "rows": [
+            {
+                "cut": r.cost.cut,
+                "codec": r.cost.codec,
+                "predicted_ms": r.predicted_ms,
+                "stages_ms": dict(r.stages_ms),
+                "bytes_up": r.cost.bytes_up,
+                "allowed": r.allowed,
+                "reason": r.reason,
+            }
+            for r in result.rows
+        ],
+    }
 
 
 def plan_table(result: Plan) -> Table:
     t = Table(title=f"predicted {result.objective} per cut — {result.link}")
-    for col in ("", "cut", "codec", "edge", "encode", "up", "rtt", "queue", "cloud", "down",
-                "total ms", "bytes up", "note"):
+    for col in (
+        "",
+        "cut",
+        "codec",
+        "edge",
+        "encode",
+        "up",
+        "rtt",
+        "queue",
+        "cloud",
+        "down",
+        "total ms",
+        "bytes up",
+        "note",
+    ):
         t.add_column(col, justify="left" if col in ("", "cut", "codec", "note") else "right")
     for r in result.rows:
         mark = "→" if r is result.chosen else ""
         s = r.stages_ms
-        t.add_row(mark, r.cost.cut, r.cost.codec,
-                  *(f"{s[k]:.1f}" for k in ("edge", "encode", "up", "rtt", "queue", "cloud",
-                                            "down")),
-                  f"{r.predicted_ms:.1f}", str(r.cost.bytes_up), r.reason,
-                  style="bold green" if mark else ("dim" if not r.allowed else None))
+        t.add_row(
+            mark,
+            r.cost.cut,
+            r.cost.codec,
+            *(f"{s[k]:.1f}" for k in ("edge", "encode", "up", "rtt", "queue", "cloud", "down")),
+            f"{r.predicted_ms:.1f}",
+            str(r.cost.bytes_up),
+            r.reason,
+            style="bold green" if mark else ("dim" if not r.allowed else None),
+        )
     return t

@@ -65,13 +65,9 @@ class Constraints:
         if cost.depth < self.min_depth:
             found.append(f"min_depth: depth {cost.depth} < {self.min_depth}")
         if self.max_edge_mem_bytes is not None and cost.edge_mem_bytes > self.max_edge_mem_bytes:
-            found.append(
-                f"max_edge_mem_bytes: {cost.edge_mem_bytes} B > {self.max_edge_mem_bytes} B"
-            )
+            found.append(f"max_edge_mem_bytes: {cost.edge_mem_bytes} B > {self.max_edge_mem_bytes} B")
         if self.max_accuracy_drop is not None and cost.accuracy_drop > self.max_accuracy_drop:
-            found.append(
-                f"max_accuracy_drop: {cost.accuracy_drop:.2%} > {self.max_accuracy_drop:.2%}"
-            )
+            found.append(f"max_accuracy_drop: {cost.accuracy_drop:.2%} > {self.max_accuracy_drop:.2%}")
         return found
 
 
@@ -205,9 +201,7 @@ class Replanner:
         min_gain_ms: float = 1.0,
     ) -> None:
         if not (margin >= 0 and min_gain_ms >= 0):
-            raise UsageError(
-                f"hysteresis must be >= 0, got margin={margin} min_gain_ms={min_gain_ms}"
-            )
+            raise UsageError(f"hysteresis must be >= 0, got margin={margin} min_gain_ms={min_gain_ms}")
         self._costs = tuple(costs)
         self._constraints = constraints or Constraints()
         self._objective = _check_objective(objective)

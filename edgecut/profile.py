@@ -26,7 +26,6 @@ FORMAT_VERSION = 1
 MODES = ("measured", "scaled")
 
 
-
 @dataclass(frozen=True)
 class SegmentTiming:
     """Latency of one segment, measured after warm-up."""
@@ -83,8 +82,7 @@ class Profile:
             if (timing.cut, timing.codec) == (cut, codec):
                 return timing
         raise ProfileError(
-            f"profile for {self.model} on {self.device!r} has no timing for codec {codec!r} "
-            f"at cut {cut!r}",
+            f"profile for {self.model} on {self.device!r} has no timing for codec {codec!r} at cut {cut!r}",
             hint="re-run `edgecut profile` with this codec",
         )
 
@@ -97,12 +95,10 @@ class Profile:
         if not (math.isfinite(factor) and factor > 0):
             raise ProfileError(f"scale factor must be a positive number, got {factor}")
         segments = tuple(
-            replace(t, latency_ms=t.latency_ms * factor, p90_ms=t.p90_ms * factor)
-            for t in self.segments
+            replace(t, latency_ms=t.latency_ms * factor, p90_ms=t.p90_ms * factor) for t in self.segments
         )
         codecs = tuple(
-            replace(t, encode_ms=t.encode_ms * factor, decode_ms=t.decode_ms * factor)
-            for t in self.codecs
+            replace(t, encode_ms=t.encode_ms * factor, decode_ms=t.decode_ms * factor) for t in self.codecs
         )
         return replace(
             self,
@@ -140,8 +136,7 @@ class Profile:
         version = _field(obj, "format_version", int, "profile")
         if version != FORMAT_VERSION:
             raise ProfileError(
-                f"unsupported profile format_version {version} (this edgecut reads "
-                f"{FORMAT_VERSION})",
+                f"unsupported profile format_version {version} (this edgecut reads {FORMAT_VERSION})",
                 hint="re-run `edgecut profile` or upgrade edgecut",
             )
         mode = _field(obj, "mode", str, "profile")

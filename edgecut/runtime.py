@@ -53,8 +53,9 @@ def resolve_providers(names: Sequence[str]) -> list[str]:
     return chosen
 
 
-def make_session(model: Path | bytes, options: OrtOptions = OrtOptions(),
-                 label: str = "segment") -> ort.InferenceSession:
+def make_session(
+    model: Path | bytes, options: OrtOptions = OrtOptions(), label: str = "segment"
+) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.threads
     so.inter_op_num_threads = 1
@@ -62,8 +63,14 @@ def make_session(model: Path | bytes, options: OrtOptions = OrtOptions(),
     source = str(model) if isinstance(model, Path) else model
     try:
         return ort.InferenceSession(source, so, providers=resolve_providers(options.providers))
-    except (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.NoSuchFile,
-            ort_errors.InvalidProtobuf, ort_errors.NotImplemented, ort_errors.RuntimeException) as exc:
+    except (
+        ort_errors.Fail,
+        ort_errors.InvalidGraph,
+        ort_errors.NoSuchFile,
+        ort_errors.InvalidProtobuf,
+        ort_errors.NotImplemented,
+        ort_errors.RuntimeException,
+    ) as exc:
         name = os.path.basename(str(model)) if isinstance(model, Path) else label
         raise BundleError(f"{name}: ONNX Runtime cannot load it: {exc}") from exc
 

@@ -47,10 +47,7 @@ _HEADER = struct.Struct(">BQ32s")  # version, timestamp_ms, response key
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
 _KEMS = {"x25519": hpke.KEM.X25519, "mlkem768-x25519": hpke.KEM.MLKEM768_X25519}
-_SUITES = {
-    name: hpke.Suite(kem, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
-    for name, kem in _KEMS.items()
-}
+_SUITES = {name: hpke.Suite(kem, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM) for name, kem in _KEMS.items()}
 
 
 @dataclass(frozen=True)
@@ -203,14 +200,11 @@ def open_response(response_key: bytes, binding: Binding, sealed: bytes) -> bytes
     """Open an answer sealed by `seal_response`; SealError if it does not authenticate."""
     if len(sealed) < _NONCE_BYTES + _TAG_BYTES:
         raise SealError(
-            f"response for request {binding.request_id!r} is {len(sealed)} "
-            "bytes, too short to be sealed"
+            f"response for request {binding.request_id!r} is {len(sealed)} bytes, too short to be sealed"
         )
     body = memoryview(sealed)
     try:
-        return _aead(response_key).decrypt(
-            body[:_NONCE_BYTES], body[_NONCE_BYTES:], binding.response_info()
-        )
+        return _aead(response_key).decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], binding.response_info())
     except InvalidTag:
         raise SealError(
             f"response for request {binding.request_id!r} did not open: wrong "
@@ -237,8 +231,7 @@ class DeviceGuards:
     file, so the number of guards is bounded by it.
     """
 
-    def __init__(self, window_ms: int = 30_000, per_device: int = 20_000,
-                 shared: int = 100_000) -> None:
+    def __init__(self, window_ms: int = 30_000, per_device: int = 20_000, shared: int = 100_000) -> None:
         self.window_ms, self.per_device = window_ms, per_device
         self._shared = ReplayGuard(window_ms, shared)
         self._by_device: dict[str, ReplayGuard] = {}

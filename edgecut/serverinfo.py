@@ -25,8 +25,7 @@ class TailInfo:
     unprofiled: tuple[str, ...]  # segments it reports no timing for (unknown, not free)
 
 
-def find_model(reply: pb.ServerInfoReply, model: str, version: str,
-               where: str) -> pb.ModelInfo:
+def find_model(reply: pb.ServerInfoReply, model: str, version: str, where: str) -> pb.ModelInfo:
     found = next((m for m in reply.models if (m.name, m.version) == (model, version)), None)
     if found is None:
         serves = ", ".join(f"{m.name}:{m.version}" for m in reply.models) or "nothing"
@@ -36,9 +35,12 @@ def find_model(reply: pb.ServerInfoReply, model: str, version: str,
 
 def tail_info(reply: pb.ServerInfoReply, model: pb.ModelInfo) -> TailInfo:
     times = {p.segment.removesuffix(".onnx"): p.latency_ms for c in model.cuts for p in c.tail}
-    return TailInfo(reply.device, reply.queue_delay_ms,
-                    CloudTimes({s: ms for s, ms in times.items() if ms > 0}),
-                    tuple(sorted(s for s, ms in times.items() if ms <= 0)))
+    return TailInfo(
+        reply.device,
+        reply.queue_delay_ms,
+        CloudTimes({s: ms for s, ms in times.items() if ms > 0}),
+        tuple(sorted(s for s, ms in times.items() if ms <= 0)),
+    )
 
 
 def ask(address: str, model: str, version: str, timeout_s: float = 5.0) -> TailInfo:
@@ -48,7 +50,6 @@ def ask(address: str, model: str, version: str, timeout_s: float = 5.0) -> TailI
         try:
             reply = stub.ServerInfo(pb.ServerInfoRequest(), timeout=timeout_s)
         except grpc.RpcError as exc:
-            raise UnavailableError(f"tail service {address} is unreachable "
-                                   f"({exc.code().name})") from None
+            raise UnavailableError(f"tail service {address} is unreachable ({exc.code().name})") from None
     where = f"tail service {address}"
     return tail_info(reply, find_model(reply, model, version, where))

@@ -85,16 +85,25 @@ class _Lane:
 class Batcher:
     """Per (bundle, cut) queues with one worker each; create and use on one event loop."""
 
-    def __init__(self, executor: Executor, pool: Pool, *, max_batch: int, max_queue_delay_ms: float,
-                 max_queue: int, metrics: ServerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        pool: Pool,
+        *,
+        max_batch: int,
+        max_queue_delay_ms: float,
+        max_queue: int,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self.executor, self.pool, self.metrics = executor, pool, metrics
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_delay_s = max_queue_delay_ms / 1e3
         self._loop = asyncio.get_running_loop()
         self._lanes: dict[tuple[str, str, str], _Lane] = {}
 
-    async def submit(self, bundle: Bundle, cut: str, feeds: Mapping[str, np.ndarray], *,
-                     deadline_ms: int = 0) -> BatchResult:
+    async def submit(
+        self, bundle: Bundle, cut: str, feeds: Mapping[str, np.ndarray], *, deadline_ms: int = 0
+    ) -> BatchResult:
         """Queue one request and wait for its result; raises OverloadedError / DeadlineError."""
         _check_deadline(deadline_ms, "arrived")
         rows = _rows(bundle, feeds)
@@ -104,8 +113,10 @@ class Batcher:
         try:
             lane.queue.put_nowait(item)
         except asyncio.QueueFull:
-            raise OverloadedError(f"{bundle.name} cut {cut}: {self.max_queue} requests queued",
-                                  hint="back off, or run the tail on the device") from None
+            raise OverloadedError(
+                f"{bundle.name} cut {cut}: {self.max_queue} requests queued",
+                hint="back off, or run the tail on the device",
+            ) from None
         return await item.future  # a cancelled caller cancels the future: the worker skips it
 
     def queue_delay_ms(self) -> float:
@@ -153,8 +164,13 @@ class Batcher:
         except asyncio.CancelledError:
             while not lane.queue.empty():
                 items.append(lane.queue.get_nowait())
-            _fail(items, UnavailableError(f"{lane.bundle.name} cut {lane.cut} stopped serving "
-                                          "while the request waited", hint="retry"))
+            _fail(
+                items,
+                UnavailableError(
+                    f"{lane.bundle.name} cut {lane.cut} stopped serving while the request waited",
+                    hint="retry",
+                ),
+            )
             raise
 
     async def _collect(self, lane: _Lane, items: list[_Item]) -> None:
@@ -210,8 +226,12 @@ class Batcher:
         try:
             out = self.executor.run(lane.bundle, lane.cut, feeds)
         except Exception:
-            log.warning("batched run of %s cut %s failed: retrying one by one",
-                        lane.bundle.name, lane.cut, exc_info=True)
+            log.warning(
+                "batched run of %s cut %s failed: retrying one by one",
+                lane.bundle.name,
+                lane.cut,
+                exc_info=True,
+            )
             return self._run_each(lane, items)
         bounds = np.cumsum([i.rows for i in items])[:-1]
         parts = {n: np.split(v, bounds) for n, v in out.items()}
@@ -229,8 +249,9 @@ class Batcher:
                 results.append(EdgecutError(f"tail compute failed: {type(exc).__name__}"))
         return results
 
-    def _observe(self, lane: _Lane, items: list[_Item], start: float, compute_ms: float,
-                 batched: bool) -> None:
+    def _observe(
+        self, lane: _Lane, items: list[_Item], start: float, compute_ms: float, batched: bool
+    ) -> None:
         if self.metrics is None:
             return
         mode = "batched" if batched else "sequential"

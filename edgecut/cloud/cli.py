@@ -14,9 +14,25 @@ from typing import Any
 from edgecut.cloud.config import ServeConfig
 
 # flag dest -> ServeConfig field, for flags whose value passes straight through
-_FIELDS = ("bundles", "key", "host", "port", "device", "threads", "metrics_port", "max_batch",
-           "max_queue_delay_ms", "max_queue", "tls_cert", "tls_key", "client_ca", "tokens",
-           "signing_pub", "poll_interval_s", "grace_s")
+_FIELDS = (
+    "bundles",
+    "key",
+    "host",
+    "port",
+    "device",
+    "threads",
+    "metrics_port",
+    "max_batch",
+    "max_queue_delay_ms",
+    "max_queue",
+    "tls_cert",
+    "tls_key",
+    "client_ca",
+    "tokens",
+    "signing_pub",
+    "poll_interval_s",
+    "grace_s",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

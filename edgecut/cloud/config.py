@@ -73,8 +73,9 @@ class ServeConfig:
             raise UsageError(f"config {path}: cannot read ({exc.strerror})") from None
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"config {path}: not valid TOML ({exc})") from None
-        return cls.from_mapping({**data, **{k: v for k, v in overrides.items() if v is not None}},
-                                source=str(path))
+        return cls.from_mapping(
+            {**data, **{k: v for k, v in overrides.items() if v is not None}}, source=str(path)
+        )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "flags") -> ServeConfig:
@@ -82,10 +83,13 @@ class ServeConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise UsageError(f"{source}: unknown setting(s) {', '.join(unknown)}",
-                             hint=f"known: {', '.join(sorted(known))}")
-        values: dict[str, Any] = {k: (Path(v) if k in _PATH_FIELDS and v is not None else v)
-                                  for k, v in data.items()}
+            raise UsageError(
+                f"{source}: unknown setting(s) {', '.join(unknown)}",
+                hint=f"known: {', '.join(sorted(known))}",
+            )
+        values: dict[str, Any] = {
+            k: (Path(v) if k in _PATH_FIELDS and v is not None else v) for k, v in data.items()
+        }
         if "providers" in values:
             values["providers"] = tuple(values["providers"])
         for required in ("bundles", "key"):
@@ -103,12 +107,17 @@ def _validate(c: ServeConfig) -> None:
     unknown = [p for p in c.providers if p not in PROVIDERS]
     if unknown:
         raise UsageError(f"unknown execution provider(s) {unknown}; use {', '.join(PROVIDERS)}")
-    ranges = {"port": (c.port, 0, 65535), "threads": (c.threads, 0, 1024),
-              "max_batch": (c.max_batch, 1, 4096), "max_queue": (c.max_queue, 1, 1 << 20),
-              "session_cache": (c.session_cache, 1, 1 << 16), "warmup_runs": (c.warmup_runs, 0, 1000),
-              "compute_threads": (c.compute_threads, 1, 256),
-              "max_message_bytes": (c.max_message_bytes, 4096, 2**31 - 1),
-              "replay_window_ms": (c.replay_window_ms, 1, 86_400_000)}
+    ranges = {
+        "port": (c.port, 0, 65535),
+        "threads": (c.threads, 0, 1024),
+        "max_batch": (c.max_batch, 1, 4096),
+        "max_queue": (c.max_queue, 1, 1 << 20),
+        "session_cache": (c.session_cache, 1, 1 << 16),
+        "warmup_runs": (c.warmup_runs, 0, 1000),
+        "compute_threads": (c.compute_threads, 1, 256),
+        "max_message_bytes": (c.max_message_bytes, 4096, 2**31 - 1),
+        "replay_window_ms": (c.replay_window_ms, 1, 86_400_000),
+    }
     if c.metrics_port is not None:
         ranges["metrics_port"] = (c.metrics_port, 0, 65535)
     for name, (value, lo, hi) in ranges.items():
@@ -151,8 +160,9 @@ def load_tokens(path: Path) -> dict[str, DeviceGrant]:
         if not fields:
             continue
         if len(fields) not in (2, 3):
-            raise UsageError(f"tokens file {path} line {number}: expected "
-                             "'token device_id [model1,model2,...]'")
+            raise UsageError(
+                f"tokens file {path} line {number}: expected 'token device_id [model1,model2,...]'"
+            )
         token, device_id = fields[0], fields[1]
         if token in grants:
             raise UsageError(f"tokens file {path} line {number}: duplicate token")

@@ -106,8 +106,9 @@ def _bundle_key(bundle: Bundle) -> tuple[str, str]:
     return bundle.name, bundle.manifest_sha256
 
 
-def _time(session: ort.InferenceSession, segment: Segment, feeds: dict[str, np.ndarray],
-          runs: int) -> SegmentTiming:
+def _time(
+    session: ort.InferenceSession, segment: Segment, feeds: dict[str, np.ndarray], runs: int
+) -> SegmentTiming:
     names = list(segment.outputs)
     session.run(names, feeds)  # first run allocates and picks kernels: excluded
     samples = []

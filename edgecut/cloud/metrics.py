@@ -25,21 +25,29 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("edgecut_requests", "Requests answered, by model and status",
-                                ["model", "status"], registry=r)
-        self.queue_seconds = Histogram("edgecut_queue_seconds", "Time waiting for a batch slot",
-                                       ["model"], buckets=_MS_BUCKETS, registry=r)
-        self.compute_seconds = Histogram("edgecut_compute_seconds",
-                                         "Tail compute time per batch", ["model"],
-                                         buckets=_MS_BUCKETS, registry=r)
-        self.batch_size = Histogram("edgecut_batch_size", "Requests per batch", ["model", "mode"],
-                                    buckets=_BATCH_BUCKETS, registry=r)
-        self.bytes_in = Counter("edgecut_bytes_in", "Sealed request bytes received", ["model"],
-                                registry=r)
-        self.bytes_out = Counter("edgecut_bytes_out", "Sealed answer bytes sent", ["model"],
-                                 registry=r)
-        self.queue_delay_ms = Gauge("edgecut_queue_delay_ms", "Live queue delay estimate (EWMA)",
-                                    registry=r)
+        self.requests = Counter(
+            "edgecut_requests", "Requests answered, by model and status", ["model", "status"], registry=r
+        )
+        self.queue_seconds = Histogram(
+            "edgecut_queue_seconds",
+            "Time waiting for a batch slot",
+            ["model"],
+            buckets=_MS_BUCKETS,
+            registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "edgecut_compute_seconds",
+            "Tail compute time per batch",
+            ["model"],
+            buckets=_MS_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "edgecut_batch_size", "Requests per batch", ["model", "mode"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.bytes_in = Counter("edgecut_bytes_in", "Sealed request bytes received", ["model"], registry=r)
+        self.bytes_out = Counter("edgecut_bytes_out", "Sealed answer bytes sent", ["model"], registry=r)
+        self.queue_delay_ms = Gauge("edgecut_queue_delay_ms", "Live queue delay estimate (EWMA)", registry=r)
         self._http: WSGIServer | None = None
 
     def serve_http(self, host: str, port: int) -> int:

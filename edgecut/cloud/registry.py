@@ -48,9 +48,14 @@ class Entry:
 class Registry:
     """Thread-safe table (model, version) → Entry, kept in sync with a directory by `scan`."""
 
-    def __init__(self, root: Path, *, public_key: Any = None,
-                 on_load: Callable[[Entry], None] = lambda e: None,
-                 on_retire: Callable[[Entry], None] = lambda e: None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        public_key: Any = None,
+        on_load: Callable[[Entry], None] = lambda e: None,
+        on_retire: Callable[[Entry], None] = lambda e: None,
+    ) -> None:
         if not root.is_dir():
             raise BundleError(f"bundles directory '{root}' does not exist")
         self.root = root
@@ -95,25 +100,33 @@ class Registry:
         for cut in manifest.cuts:
             if cut.id == cut_id:
                 return cut
-        raise NotFoundError(f"{entry.bundle.name} has no cut {cut_id!r} "
-                            f"(cuts: {', '.join(c.id for c in manifest.cuts)})")
+        raise NotFoundError(
+            f"{entry.bundle.name} has no cut {cut_id!r} (cuts: {', '.join(c.id for c in manifest.cuts)})"
+        )
 
     def _stamps(self) -> dict[Path, Stamp]:
         # Hidden directories are staging areas (copy in, then rename): never served half-written.
-        return {d: _stamp(d) for d in sorted(self.root.iterdir())
-                if d.is_dir() and not d.name.startswith(".") and (d / MANIFEST).is_file()}
+        return {
+            d: _stamp(d)
+            for d in sorted(self.root.iterdir())
+            if d.is_dir() and not d.name.startswith(".") and (d / MANIFEST).is_file()
+        }
 
     def _load(self, directory: Path, stamp: Stamp, current: Entry | None) -> int:
         entry = None
         try:
-            bundle = load_bundle(directory, public_key=self._public_key,
-                                 require_signature=self._public_key is not None)
+            bundle = load_bundle(
+                directory, public_key=self._public_key, require_signature=self._public_key is not None
+            )
             entry = Entry(bundle, directory, stamp)
             self._check_unique(entry, current)
             self._on_load(entry)
         except Exception as exc:  # ORT errors at warm-up too: one bad bundle never stops the scan
-            error = exc if isinstance(exc, BundleError) else BundleError(
-                f"cannot serve it: {type(exc).__name__}: {exc}")
+            error = (
+                exc
+                if isinstance(exc, BundleError)
+                else BundleError(f"cannot serve it: {type(exc).__name__}: {exc}")
+            )
             self._failed[directory] = stamp
             log.error("skipping bundle %s: %s", directory.name, error)
             if entry is not None:
@@ -124,16 +137,17 @@ class Registry:
             self._by_dir[directory] = entry
         if current is not None:
             self._retire(current)
-        log.info("serving %s from %s (manifest %s)", bundle.name, directory.name,
-                 bundle.manifest_sha256[:12])
+        log.info("serving %s from %s (manifest %s)", bundle.name, directory.name, bundle.manifest_sha256[:12])
         return 1
 
     def _check_unique(self, entry: Entry, current: Entry | None) -> None:
         with self._lock:
             for other in self._by_dir.values():
                 if other.key == entry.key and other is not current:
-                    raise BundleError(f"{entry.bundle.name} is already served from "
-                                      f"{other.directory.name}; model and version must be unique")
+                    raise BundleError(
+                        f"{entry.bundle.name} is already served from "
+                        f"{other.directory.name}; model and version must be unique"
+                    )
 
     def _find(self, model: str, version: str) -> Entry:
         with self._lock:
@@ -177,8 +191,7 @@ class Registry:
         same = (entry.bundle.name, entry.bundle.manifest_sha256)
         with self._lock:
             others = [*self._by_dir.values(), *self._draining]
-            shared = any((o.bundle.name, o.bundle.manifest_sha256) == same
-                         for o in others if o is not entry)
+            shared = any((o.bundle.name, o.bundle.manifest_sha256) == same for o in others if o is not entry)
         if not shared:
             self._on_retire(entry)
 

@@ -73,8 +73,9 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
     def __init__(self, ctx: _Context) -> None:
         self.ctx = ctx
 
-    async def Infer(self, request_iterator: AsyncIterator[pb.Frame],
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Answer]:
+    async def Infer(
+        self, request_iterator: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Answer]:
         grant = await _authenticate(self.ctx.grants, context)
         # Bounded: a client that sends but never reads stalls its own reader, not our memory.
         answers: asyncio.Queue[pb.Answer | None] = asyncio.Queue(MAX_IN_FLIGHT_PER_STREAM)
@@ -88,24 +89,41 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             for task in tasks:
                 task.cancel()
 
-    async def Probe(self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext,
-                    ) -> pb.ProbeReply:
+    async def Probe(
+        self,
+        request: pb.ProbeRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ProbeReply:
         await _authenticate(self.ctx.grants, context)
         cap = min(self.ctx.config.max_probe_bytes, self.ctx.config.max_message_bytes - 1024)
-        return pb.ProbeReply(payload=bytes(min(request.reply_bytes, cap)),
-                             server_time_ms=time.time_ns() // 1_000_000)
+        return pb.ProbeReply(
+            payload=bytes(min(request.reply_bytes, cap)), server_time_ms=time.time_ns() // 1_000_000
+        )
 
-    async def ServerInfo(self, request: pb.ServerInfoRequest, context: grpc.aio.ServicerContext,
-                         ) -> pb.ServerInfoReply:
+    async def ServerInfo(
+        self,
+        request: pb.ServerInfoRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ServerInfoReply:
         await _authenticate(self.ctx.grants, context)
         c = self.ctx
         return pb.ServerInfoReply(
-            models=[_model_info(e) for e in c.registry.entries()], key_id=key_id(c.key.public),
-            key_suite=c.key.suite, queue_delay_ms=c.batcher.queue_delay_ms(), device=c.executor.device,
-            max_message_bytes=c.config.max_message_bytes, server_version=__version__)
+            models=[_model_info(e) for e in c.registry.entries()],
+            key_id=key_id(c.key.public),
+            key_suite=c.key.suite,
+            queue_delay_ms=c.batcher.queue_delay_ms(),
+            device=c.executor.device,
+            max_message_bytes=c.config.max_message_bytes,
+            server_version=__version__,
+        )
 
-    async def _read(self, frames: AsyncIterator[pb.Frame], grant: DeviceGrant | None,
-                    answers: asyncio.Queue[pb.Answer | None], tasks: set[asyncio.Task[None]]) -> None:
+    async def _read(
+        self,
+        frames: AsyncIterator[pb.Frame],
+        grant: DeviceGrant | None,
+        answers: asyncio.Queue[pb.Answer | None],
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
         reassembler = Reassembler(self.ctx.config.max_request_bytes)
         try:
             async for frame in frames:
@@ -115,8 +133,9 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
                 try:
                     whole = reassembler.add(frame)
                     if whole and len(tasks) + answers.qsize() >= MAX_IN_FLIGHT_PER_STREAM:
-                        raise OverloadedError(f"more than {MAX_IN_FLIGHT_PER_STREAM} requests "
-                                              "in flight on one stream")
+                        raise OverloadedError(
+                            f"more than {MAX_IN_FLIGHT_PER_STREAM} requests in flight on one stream"
+                        )
                 except EdgecutError as exc:
                     await answers.put(self._failed(frame.request_id, frame.model, exc))
                     continue
@@ -134,23 +153,33 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
                 log.info("stream ended with %d partial request(s): dropped", dropped)
         await answers.put(None)  # not when cancelled: then Infer has stopped reading answers
 
-    async def _handle(self, head: RequestHead, sealed: bytes, grant: DeviceGrant | None,
-                      answers: asyncio.Queue[pb.Answer | None]) -> None:
+    async def _handle(
+        self,
+        head: RequestHead,
+        sealed: bytes,
+        grant: DeviceGrant | None,
+        answers: asyncio.Queue[pb.Answer | None],
+    ) -> None:
         t0 = time.perf_counter()
         try:
             answer = await self._answer(head, sealed, grant)
         except EdgecutError as exc:
             answer = self._failed(head.request_id, head.model, exc)
         except Exception:
-            log.exception("rid=%s model=%s cut=%s: internal error", head.request_id, head.model,
-                          head.cut)
+            log.exception("rid=%s model=%s cut=%s: internal error", head.request_id, head.model, head.cut)
             answer = self._failed(head.request_id, head.model, EdgecutError("internal error"))
         else:
             self.ctx.metrics.requests.labels(head.model, "OK").inc()
             self.ctx.metrics.bytes_out.labels(head.model).inc(len(answer.sealed))
-            log.debug("rid=%s model=%s version=%s cut=%s ok in %.1f ms (batch %d)", head.request_id,
-                      head.model, head.version, head.cut, (time.perf_counter() - t0) * 1e3,
-                      answer.timings.batch_size)
+            log.debug(
+                "rid=%s model=%s version=%s cut=%s ok in %.1f ms (batch %d)",
+                head.request_id,
+                head.model,
+                head.version,
+                head.cut,
+                (time.perf_counter() - t0) * 1e3,
+                answer.timings.batch_size,
+            )
         answer.sent_at_ms = head.sent_at_ms
         answer.server_queue_delay_ms = self.ctx.batcher.queue_delay_ms()
         await answers.put(answer)
@@ -170,21 +199,27 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             t2 = time.perf_counter()
             payload = codec.encode(result.outputs, entry.bundle.manifest.outputs, ANSWER_CODEC)
             sealed_answer = sealing.seal_response(response_key, binding, payload)
-        timings = pb.Timings(queue_ms=result.queue_ms, decode_ms=(t1 - t0) * 1e3,
-                             compute_ms=result.compute_ms, encode_ms=(time.perf_counter() - t2) * 1e3,
-                             batch_size=result.batch_size)
+        timings = pb.Timings(
+            queue_ms=result.queue_ms,
+            decode_ms=(t1 - t0) * 1e3,
+            compute_ms=result.compute_ms,
+            encode_ms=(time.perf_counter() - t2) * 1e3,
+            batch_size=result.batch_size,
+        )
         return pb.Answer(request_id=head.request_id, code=0, sealed=sealed_answer, timings=timings)
 
-    async def _open(self, bundle: Bundle, cut: Cut, binding: sealing.Binding, sealed: bytes,
-                    guard: sealing.ReplayGuard) -> tuple[dict[str, np.ndarray], bytes]:
+    async def _open(
+        self, bundle: Bundle, cut: Cut, binding: sealing.Binding, sealed: bytes, guard: sealing.ReplayGuard
+    ) -> tuple[dict[str, np.ndarray], bytes]:
         """Open the seal (replay-checked) and decode the frontier, validated against the cut.
 
         Work sized by the frame runs on a thread: the seal by its sealed size, the decode by the
         size the header promises (read first, cheaply, and checked against the bundle).
         """
         if len(sealed) > INLINE_OPEN_BYTES:
-            payload, key = await asyncio.to_thread(sealing.open_request, self.ctx.key, binding,
-                                                   sealed, guard=guard)
+            payload, key = await asyncio.to_thread(
+                sealing.open_request, self.ctx.key, binding, sealed, guard=guard
+            )
         else:
             payload, key = sealing.open_request(self.ctx.key, binding, sealed, guard=guard)
         header = codec.header_of(payload, max_bytes=self.ctx.config.max_decoded_bytes)
@@ -196,8 +231,9 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
     def _decode(self, bundle: Bundle, cut: Cut, payload: bytes) -> dict[str, np.ndarray]:
         pre = bundle.manifest.preprocess
         norm = (pre.mean, pre.std) if pre.kind == "image" else None
-        return codec.decode(payload, cut.frontier, max_bytes=self.ctx.config.max_decoded_bytes,
-                            image_norm=norm)
+        return codec.decode(
+            payload, cut.frontier, max_bytes=self.ctx.config.max_decoded_bytes, image_norm=norm
+        )
 
     def _failed(self, request_id: str, model: str, exc: EdgecutError) -> pb.Answer:
         status = grpc.StatusCode[exc.grpc_status]
@@ -211,8 +247,9 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
         return model if any(e.key[0] == model for e in self.ctx.registry.entries()) else "unknown"
 
 
-async def _authenticate(grants: dict[str, DeviceGrant] | None,
-                        context: grpc.aio.ServicerContext) -> DeviceGrant | None:
+async def _authenticate(
+    grants: dict[str, DeviceGrant] | None, context: grpc.aio.ServicerContext
+) -> DeviceGrant | None:
     if grants is None:
         return None
     metadata = dict(context.invocation_metadata() or ())
@@ -228,17 +265,20 @@ def _check_batch(bundle: Bundle, header: codec.FrameHeader) -> None:
     """Refuse a batch a non-batchable bundle cannot run, before paying for its decode."""
     rows = {t.shape[0] for t in header.tensors if t.shape}
     if not bundle.manifest.batchable and rows - {1}:
-        raise CodecError(f"{bundle.name} is not batchable: send one item per frame, "
-                         f"not {max(rows)}")
+        raise CodecError(f"{bundle.name} is not batchable: send one item per frame, not {max(rows)}")
 
 
 def _model_info(entry: Entry) -> pb.ModelInfo:
     manifest, timings = entry.bundle.manifest, entry.extra.get("timings", {})
-    cuts = [pb.CutInfo(id=cut.id, depth=cut.depth, tail=[_profile(s.file, timings)
-                                                          for s in manifest.tail(cut.id)])
-            for cut in manifest.cuts]
-    return pb.ModelInfo(name=manifest.model, version=manifest.version, cuts=cuts,
-                        manifest_sha256=entry.bundle.build_sha256)
+    cuts = [
+        pb.CutInfo(
+            id=cut.id, depth=cut.depth, tail=[_profile(s.file, timings) for s in manifest.tail(cut.id)]
+        )
+        for cut in manifest.cuts
+    ]
+    return pb.ModelInfo(
+        name=manifest.model, version=manifest.version, cuts=cuts, manifest_sha256=entry.bundle.build_sha256
+    )
 
 
 def _profile(file: str, timings: dict[str, Any]) -> pb.SegmentProfile:
@@ -250,8 +290,9 @@ def _profile(file: str, timings: dict[str, Any]) -> pb.SegmentProfile:
 class TailServer:
     """A bound, not yet started tail service; `start`, then `stop(grace_s)` to drain and close."""
 
-    def __init__(self, ctx: _Context, server: grpc.aio.Server, health_servicer: Any,
-                 pool: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, ctx: _Context, server: grpc.aio.Server, health_servicer: Any, pool: ThreadPoolExecutor
+    ) -> None:
         self.ctx, self.grpc, self.health, self._pool = ctx, server, health_servicer, pool
         self._poller: asyncio.Task[None] | None = None
         self._healthy: set[str] = set()
@@ -266,8 +307,9 @@ class TailServer:
         await self.sync_health()
         await self.grpc.start()
         if self.ctx.config.metrics_port is not None:
-            self.metrics_port = self.ctx.metrics.serve_http(self.ctx.config.host,
-                                                            self.ctx.config.metrics_port)
+            self.metrics_port = self.ctx.metrics.serve_http(
+                self.ctx.config.host, self.ctx.config.metrics_port
+            )
         if self.ctx.config.poll_interval_s > 0:
             self._poller = asyncio.create_task(self._poll(self.ctx.config.poll_interval_s))
 
@@ -311,8 +353,11 @@ class TailServer:
                 log.exception("bundle rescan failed")
 
 
-async def create_server(config: ServeConfig, *, executor: Executor | None = None,
-                        ) -> tuple[TailServer, int]:
+async def create_server(
+    config: ServeConfig,
+    *,
+    executor: Executor | None = None,
+) -> tuple[TailServer, int]:
     """Load keys, tokens and bundles (verified, warmed up) and bind the port; does not start.
 
     `executor` replaces the ONNX Runtime one (tests use it to gate or count compute).
@@ -320,12 +365,19 @@ async def create_server(config: ServeConfig, *, executor: Executor | None = None
     key = load_service_private(config.key)
     signing = load_signing_public(config.signing_pub) if config.signing_pub else None
     grants = load_tokens(config.tokens) if config.tokens else None
-    executor = executor or OrtExecutor(OrtOptions(config.resolved_providers, config.threads),
-                                       config.session_cache)
+    executor = executor or OrtExecutor(
+        OrtOptions(config.resolved_providers, config.threads), config.session_cache
+    )
     metrics = ServerMetrics()
     pool = ThreadPoolExecutor(config.compute_threads, thread_name_prefix="edgecut-tail")
-    batcher = Batcher(executor, pool, max_batch=config.max_batch, metrics=metrics,
-                      max_queue_delay_ms=config.max_queue_delay_ms, max_queue=config.max_queue)
+    batcher = Batcher(
+        executor,
+        pool,
+        max_batch=config.max_batch,
+        metrics=metrics,
+        max_queue_delay_ms=config.max_queue_delay_ms,
+        max_queue=config.max_queue,
+    )
 
     def on_load(entry: Entry) -> None:
         entry.extra["timings"] = executor.warm_up(entry.bundle, config.warmup_runs)
@@ -336,14 +388,21 @@ async def create_server(config: ServeConfig, *, executor: Executor | None = None
 
     registry = Registry(config.bundles, public_key=signing, on_load=on_load, on_retire=on_retire)
     await asyncio.to_thread(registry.scan)
-    ctx = _Context(config, key, sealing.DeviceGuards(config.replay_window_ms), grants, registry,
-                   batcher, executor, metrics)
+    ctx = _Context(
+        config,
+        key,
+        sealing.DeviceGuards(config.replay_window_ms),
+        grants,
+        registry,
+        batcher,
+        executor,
+        metrics,
+    )
     server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
     edgecut_pb2_grpc.add_TailServiceServicer_to_server(TailServicer(ctx), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = _bind(server, config)
     return TailServer(ctx, server, health_servicer, pool), port
 
@@ -355,7 +414,9 @@ def _bind(server: grpc.aio.Server, config: ServeConfig) -> int:
             ca = config.client_ca.read_bytes() if config.client_ca else None
             creds = grpc.ssl_server_credentials(
                 [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
-                root_certificates=ca, require_client_auth=ca is not None)
+                root_certificates=ca,
+                require_client_auth=ca is not None,
+            )
             port = server.add_secure_port(address, creds)
         else:
             port = server.add_insecure_port(address)
@@ -366,8 +427,10 @@ def _bind(server: grpc.aio.Server, config: ServeConfig) -> int:
     return port
 
 
-async def serve(config: ServeConfig, on_ready: Callable[[str, int], None] = lambda h, p: None,
-                ) -> int:
+async def serve(
+    config: ServeConfig,
+    on_ready: Callable[[str, int], None] = lambda h, p: None,
+) -> int:
     """Run until SIGTERM/SIGINT, then drain for `config.grace_s` and return 0."""
     server, port = await create_server(config)
     await server.start()

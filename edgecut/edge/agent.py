@@ -99,12 +99,18 @@ class _Work:
         return self.ticket is None or self.ticket.future.done()
 
 
-
 class Agent:
     """Runs inputs through head → session → (cloud | local tail), one Result each."""
 
-    def __init__(self, bundle: Bundle, head: Runner, tail: Runner, session: TailSession | None,
-                 choice: CutChoice, options: AgentOptions | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        head: Runner,
+        tail: Runner,
+        session: TailSession | None,
+        choice: CutChoice,
+        options: AgentOptions | None = None,
+    ) -> None:
         self.bundle, self.head, self.tail, self.session = bundle, head, tail, session
         self.choice, self.options = choice, options or AgentOptions()
         self.labels = bundle.labels()
@@ -176,8 +182,10 @@ class Agent:
             return {m.inputs[0].name: prepare(data, m.preprocess)}
         spec = m.inputs[0]
         if tuple(data.shape) != spec.shape or str(data.dtype) != spec.dtype:
-            raise UsageError(f"{item.name}: input is {data.dtype}{list(data.shape)}, the model "
-                             f"needs {spec.dtype}{list(spec.shape)}")
+            raise UsageError(
+                f"{item.name}: input is {data.dtype}{list(data.shape)}, the model "
+                f"needs {spec.dtype}{list(spec.shape)}"
+            )
         return {spec.name: data}
 
     def _run_head(self, work: _Work, feeds: dict[str, np.ndarray]) -> None:
@@ -225,8 +233,7 @@ class Agent:
             log.info("%s: cloud failed (%s); computing cut %s locally", work.item.name, exc, work.cut)
             return self._local(work, str(exc))
         if is_retryable(exc) and work.attempts < 2:
-            log.info("%s: cloud failed (%s); retrying once with a fresh request id",
-                     work.item.name, exc)
+            log.info("%s: cloud failed (%s); retrying once with a fresh request id", work.item.name, exc)
             self._submit(work)
             return self._answer(work)
         return self._failed(work, f"cloud: {exc}")
@@ -247,26 +254,54 @@ class Agent:
         wire_ms = (reply.received - reply.wire_start) * 1e3 - reply.timings.total_ms
         self.choice.observe(reply, wire_ms)
         t = reply.timings
-        timings = {"encode_ms": work.encode_ms, "wire_ms": wire_ms, "server_queue_ms": t.queue_ms,
-                   "server_decode_ms": t.decode_ms, "server_compute_ms": t.compute_ms,
-                   "server_encode_ms": t.encode_ms, "server_ms": t.total_ms,
-                   "answer_ms": answer_ms}
+        timings = {
+            "encode_ms": work.encode_ms,
+            "wire_ms": wire_ms,
+            "server_queue_ms": t.queue_ms,
+            "server_decode_ms": t.decode_ms,
+            "server_compute_ms": t.compute_ms,
+            "server_encode_ms": t.encode_ms,
+            "server_ms": t.total_ms,
+            "answer_ms": answer_ms,
+        }
         result = self._done(work, outputs, "cloud", timings, total_ms=total_ms)
         return replace(result, bytes_up=reply.bytes_up, bytes_down=reply.bytes_down)
 
-    def _done(self, work: _Work, outputs: Mapping[str, np.ndarray], where: str,
-              timings: Mapping[str, float], *, total_ms: float | None = None,
-              error: str | None = None) -> Result:
+    def _done(
+        self,
+        work: _Work,
+        outputs: Mapping[str, np.ndarray],
+        where: str,
+        timings: Mapping[str, float],
+        *,
+        total_ms: float | None = None,
+        error: str | None = None,
+    ) -> Result:
         logits = np.asarray(outputs[self.bundle.manifest.outputs[0].name], np.float32).reshape(-1)
         total = (time.perf_counter() - work.t0) * 1e3 if total_ms is None else total_ms
-        return Result(work.item.position, work.item.name, where, work.cut, work.codec,
-                      self.choice.mode, top5(logits, self.labels),
-                      {"edge_ms": work.edge_ms, **timings, "total_ms": total}, error=error)
+        return Result(
+            work.item.position,
+            work.item.name,
+            where,
+            work.cut,
+            work.codec,
+            self.choice.mode,
+            top5(logits, self.labels),
+            {"edge_ms": work.edge_ms, **timings, "total_ms": total},
+            error=error,
+        )
 
     def _failed(self, work: _Work, why: str) -> Result:
         log.warning("%s: %s", work.item.name, why)
-        return Result(work.item.position, work.item.name, "failed", work.cut or None,
-                      work.codec or None, self.choice.mode, error=why)
+        return Result(
+            work.item.position,
+            work.item.name,
+            "failed",
+            work.cut or None,
+            work.codec or None,
+            self.choice.mode,
+            error=why,
+        )
 
 
 def top5(logits: np.ndarray, labels: list[str] | None) -> tuple[tuple[int, str | None, float], ...]:
@@ -274,8 +309,7 @@ def top5(logits: np.ndarray, labels: list[str] | None) -> tuple[tuple[int, str |
     z = np.exp(logits - logits.max())
     probs = z / z.sum()
     best = np.argsort(-probs)[:5]
-    return tuple((int(i), labels[i] if labels and i < len(labels) else None, float(probs[i]))
-                 for i in best)
+    return tuple((int(i), labels[i] if labels and i < len(labels) else None, float(probs[i])) for i in best)
 
 
 def image_input(position: int, name: str, image: np.ndarray) -> Input:

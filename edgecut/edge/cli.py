@@ -1,121 +1,33 @@
 """`edgecut edge run`: the agent on a device, from flags to one result line per input.
 
-`EdgeConfig` + `start_agent` are the whole setup (bundle, runtimes, session, cut choice) and are
-reused by `edgecut demo` and the tests; sources (a directory, files, stdin paths, a video or a
-camera) and the output format live here because they are the command line's business.
+The setup (bundle, runtimes, session, cut choice) lives in `edgecut.edge.startup`; sources (a
+directory, files, stdin paths, a video or a camera) and the output format live here because they
+are the command line's business.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 
-from edgecut.bundle import Bundle, load_bundle
-from edgecut.edge.agent import FALLBACKS, Agent, AgentOptions, Input, Result, file_input, image_input
-from edgecut.edge.cutchoice import AutoCut, CutChoice, FixedCut
-from edgecut.edge.runner import RUNTIMES, OrtRunner, make_runner
-from edgecut.edge.session import SessionConfig, TailSession
-from edgecut.errors import DependencyError, UnavailableError, UsageError
+from edgecut.edge.agent import FALLBACKS, Agent, Input, Result, file_input, image_input
+from edgecut.edge.runner import RUNTIMES
+from edgecut.edge.startup import EdgeConfig, start_agent
+from edgecut.errors import DependencyError, UsageError
 from edgecut.images import list_images
-from edgecut.keys import load_service_public, load_signing_public
-from edgecut.runtime import OrtOptions
 
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
-
-
-@dataclass(frozen=True)
-class EdgeConfig:
-    """Everything `edgecut edge run` needs; flags map one to one."""
-
-    bundle: Path  # bundle directory
-    server: str | None = None  # HOST:PORT of the tail service; None = edge-only (cut "output")
-    server_key: Path | None = None  # the tail service's service.pub
-    cut: str = "auto"  # cut id, or "auto" for the planner
-    codec: str = "int8"  # codec text, e.g. int8, int4-tensor, fp16, jpeg90 (input cut only)
-    runtime: str = "ort"  # head runtime: "ort" or "litert"
-    providers: tuple[str, ...] = ("cpu",)  # ORT execution providers, in order of preference
-    threads: int = 0  # intra-op threads; 0 = runtime default
-    in_flight: int = 4  # most requests outstanding on the stream
-    fallback: str = "local"  # "local" or "fail" when the cloud cannot answer
-    deadline_ms: int = 2000  # per request, ms
-    min_cut: int = 0  # auto: cuts shallower than this depth are never used (privacy)
-    edge_profile: Path | None = None  # auto: edge timings from a profile instead of measuring
-    signing_pub: Path | None = None  # require the bundle to be signed with this key
-    token: str | None = field(default=None, repr=False)  # per-device token
-    tls_ca: Path | None = None  # PEM roots for a TLS channel
-    tls_cert: Path | None = None  # client certificate (mTLS)
-    tls_key: Path | None = None  # client key (mTLS)
-
-
-def _read(path: Path | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-
-
-def _session(config: EdgeConfig, bundle: Bundle) -> TailSession | None:
-    if config.server is None:
-        if config.cut != "output":
-            raise UsageError("--server is required unless --cut output (edge-only)")
-        return None
-    if config.server_key is None:
-        raise UsageError("--server-key is required with --server (frames are sealed to it)")
-    m = bundle.manifest
-    return TailSession(SessionConfig(
-        config.server, load_service_public(config.server_key), m.model, m.version,
-        build=bundle.build_sha256, deadline_ms=config.deadline_ms, token=config.token,
-        tls_ca=_read(config.tls_ca), tls_cert=_read(config.tls_cert), tls_key=_read(config.tls_key)))
-
-
-def _connect(session: TailSession, fallback: str) -> None:
-    try:
-        session.connect()
-    except UnavailableError as exc:
-        if fallback != "local":
-            raise
-        log.warning("%s; computing locally until it is reachable", exc)
-
-
-@contextlib.contextmanager
-def start_agent(config: EdgeConfig) -> Iterator[Agent]:
-    """Load and verify the bundle, start runtimes, connect, and close the session afterwards."""
-    signing = load_signing_public(config.signing_pub) if config.signing_pub else None
-    bundle = load_bundle(config.bundle, public_key=signing, require_signature=signing is not None)
-    m = bundle.manifest
-    options = OrtOptions(config.providers, config.threads)
-    tail = OrtRunner(bundle, options)
-    head = tail if config.runtime == "ort" else make_runner(bundle, config.runtime, options)
-    # One untimed pass: the first run of a session allocates, and would skew timings and plans.
-    tail.run({s.name: np.zeros(s.shape, s.dtype) for s in m.inputs}, 0, len(m.segments) - 1)
-    session = _session(config, bundle)
-    if session is not None:
-        _connect(session, config.fallback)
-    choice: CutChoice = (
-        AutoCut(bundle, head, session, config.codec, min_depth=config.min_cut,
-                edge_profile=config.edge_profile)
-        if config.cut == "auto" else FixedCut(bundle, config.cut, config.codec))
-    try:
-        yield Agent(bundle, head, tail, session, choice,
-                    AgentOptions(config.in_flight, config.fallback))
-    finally:
-        if session is not None:
-            session.close()
 
 
 def open_source(specs: Sequence[str], stdin: TextIO) -> Iterator[Input]:
@@ -136,8 +48,10 @@ def _frames(spec: str) -> Iterator[Input]:
     try:
         import cv2
     except ModuleNotFoundError:
-        raise DependencyError(f"reading '{spec}' needs OpenCV, which is not installed",
-                              hint="pip install opencv-python-headless") from None
+        raise DependencyError(
+            f"reading '{spec}' needs OpenCV, which is not installed",
+            hint="pip install opencv-python-headless",
+        ) from None
     device = spec.split(":", 1)[1] if spec.startswith("camera:") else None
     capture = cv2.VideoCapture(int(device) if device is not None else spec)
     if not capture.isOpened():
@@ -167,11 +81,15 @@ def format_result(r: Result) -> str:
     best = r.top5[0] if r.top5 else None
     label = (best[1] or f"class {best[0]}") if best else "?"
     prob = f" ({best[2]:.2f})" if best else ""
-    parts = [f"{r.input}: {label}{prob}", f"cut {r.cut}/{r.codec} ({r.cut_mode})", r.where,
-             f"total {t.get('total_ms', 0):.1f} ms", f"edge {t.get('edge_ms', 0):.1f}"]
+    parts = [
+        f"{r.input}: {label}{prob}",
+        f"cut {r.cut}/{r.codec} ({r.cut_mode})",
+        r.where,
+        f"total {t.get('total_ms', 0):.1f} ms",
+        f"edge {t.get('edge_ms', 0):.1f}",
+    ]
     if r.where == "cloud":
-        parts += [f"wire {t['wire_ms']:.1f}", f"server {t['server_ms']:.1f}",
-                  f"up {r.bytes_up} B"]
+        parts += [f"wire {t['wire_ms']:.1f}", f"server {t['server_ms']:.1f}", f"up {r.bytes_up} B"]
     if r.error:
         parts.append(f"(cloud: {r.error})")
     return "  ".join(parts)
@@ -183,23 +101,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory")
     p.add_argument("--server", help="tail service HOST:PORT (omit with --cut output)")
     p.add_argument("--server-key", type=Path, help="the tail service's service.pub")
-    p.add_argument("--source", nargs="+", required=True,
-                   help="a directory, files, '-' (paths on stdin), a video file or camera:N")
+    p.add_argument(
+        "--source",
+        nargs="+",
+        required=True,
+        help="a directory, files, '-' (paths on stdin), a video file or camera:N",
+    )
     p.add_argument("--cut", default="auto", help="cut id, or 'auto' (planner; default)")
     p.add_argument("--codec", default="int8", help="int8 (default), int4, fp16, none, jpeg90, …")
     p.add_argument("--runtime", choices=RUNTIMES, default="ort", help="head runtime")
-    p.add_argument("--providers", default="cpu",
-                   help="comma-separated ORT providers: cpu, xnnpack, cuda, tensorrt")
+    p.add_argument(
+        "--providers", default="cpu", help="comma-separated ORT providers: cpu, xnnpack, cuda, tensorrt"
+    )
     p.add_argument("--threads", type=int, default=0, help="runtime threads (0 = default)")
     p.add_argument("--in-flight", type=int, default=4, help="requests outstanding (default 4)")
-    p.add_argument("--fallback", choices=FALLBACKS, default="local",
-                   help="when the cloud cannot answer: compute locally, or retry once then fail")
+    p.add_argument(
+        "--fallback",
+        choices=FALLBACKS,
+        default="local",
+        help="when the cloud cannot answer: compute locally, or retry once then fail",
+    )
     p.add_argument("--deadline-ms", type=int, default=2000, help="per request (default 2000)")
     p.add_argument("--min-cut", type=int, default=0, help="auto: never cut shallower than this")
     p.add_argument("--edge-profile", type=Path, help="auto: edge timings from this profile")
     p.add_argument("--signing-pub", type=Path, help="require a bundle signed with this key")
-    p.add_argument("--token", default=os.environ.get("EDGECUT_TOKEN"),
-                   help="device token (default: $EDGECUT_TOKEN)")
+    p.add_argument(
+        "--token", default=os.environ.get("EDGECUT_TOKEN"), help="device token (default: $EDGECUT_TOKEN)"
+    )
     p.add_argument("--tls-ca", type=Path, help="PEM roots: use TLS")
     p.add_argument("--tls-cert", type=Path, help="client certificate for mTLS")
     p.add_argument("--tls-key", type=Path, help="client key for mTLS")
@@ -209,13 +137,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     return EdgeConfig(
-        bundle=args.bundle, server=args.server, server_key=args.server_key, cut=args.cut,
-        codec=args.codec, runtime=args.runtime,
+        bundle=args.bundle,
+        server=args.server,
+        server_key=args.server_key,
+        cut=args.cut,
+        codec=args.codec,
+        runtime=args.runtime,
         providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
-        threads=args.threads, in_flight=args.in_flight, fallback=args.fallback,
-        deadline_ms=args.deadline_ms, min_cut=args.min_cut, edge_profile=args.edge_profile,
-        signing_pub=args.signing_pub, token=args.token, tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert, tls_key=args.tls_key)
+        threads=args.threads,
+        in_flight=args.in_flight,
+        fallback=args.fallback,
+        deadline_ms=args.deadline_ms,
+        min_cut=args.min_cut,
+        edge_profile=args.edge_profile,
+        signing_pub=args.signing_pub,
+        token=args.token,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
 
 
 def stop_on_signals(agent: Agent) -> None:
@@ -225,6 +165,7 @@ def stop_on_signals(agent: Agent) -> None:
     read; anywhere else it only sets the agent's stop flag, so every started input still gets
     exactly one result. SIGINT is re-armed because shells start background jobs with it ignored.
     """
+
     def handler(signum: int, frame: object) -> None:
         if agent.reading:
             raise KeyboardInterrupt
@@ -247,8 +188,13 @@ def run(args: argparse.Namespace) -> int:
     with start_agent(config) as agent:
         stop_on_signals(agent)
         agent.run(sources, emit)
-    log.info("%d input(s): %d cloud, %d local, %d failed", sum(counts.values()), counts["cloud"],
-             counts["local"], counts["failed"])
+    log.info(
+        "%d input(s): %d cloud, %d local, %d failed",
+        sum(counts.values()),
+        counts["cloud"],
+        counts["local"],
+        counts["failed"],
+    )
     if agent.interrupted:
         return 130
     return 1 if counts["failed"] else 0

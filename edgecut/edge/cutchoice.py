@@ -59,8 +59,9 @@ class Encoder:
         spec = codec.CodecSpec.parse(codec_name)
         pre = self.manifest.preprocess
         norm = (pre.mean, pre.std) if spec.scheme == "jpeg" else None
-        return codec.encode(frontier, self.manifest.cut(cut).frontier, spec,
-                            self._calibration(cut), image_norm=norm)
+        return codec.encode(
+            frontier, self.manifest.cut(cut).frontier, spec, self._calibration(cut), image_norm=norm
+        )
 
     def _calibration(self, cut: str) -> codec.Calibration | None:
         if cut not in self._calibrations:
@@ -96,8 +97,16 @@ class AutoCut(Encoder):
 
     mode = "auto"
 
-    def __init__(self, bundle: Bundle, runner: Runner, session: TailSession | None, codec_name: str,
-                 *, min_depth: int = 0, edge_profile: Path | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        runner: Runner,
+        session: TailSession | None,
+        codec_name: str,
+        *,
+        min_depth: int = 0,
+        edge_profile: Path | None = None,
+    ) -> None:
         super().__init__(bundle)
         self.bundle, self.runner, self.session = bundle, runner, session
         self.codec_name = codec_name
@@ -116,8 +125,12 @@ class AutoCut(Encoder):
         costs = cut_costs(self.bundle, self._edge(feeds), cloud, [self.codec_name])
         self.replanner = Replanner(costs, self.constraints)
         row, _ = self.replanner.update(self.link.estimate())
-        log.info("cut chosen by the planner (auto): %s/%s, %.1f ms predicted", row.cost.cut,
-                 row.cost.codec, row.predicted_ms)
+        log.info(
+            "cut chosen by the planner (auto): %s/%s, %.1f ms predicted",
+            row.cost.cut,
+            row.cost.codec,
+            row.predicted_ms,
+        )
         self.ready = True
 
     def _edge(self, feeds: Mapping[str, np.ndarray]) -> Profile:
@@ -125,11 +138,17 @@ class AutoCut(Encoder):
         kept from a loaded profile only where it has its own figure for that (cut, codec)."""
         codecs = (self.codec_name, "jpeg90")
         if self.edge_profile is None:
-            return profile_bundle(self.bundle, self.runner, runtime=self.runner.name, threads=0,
-                                  codecs=codecs, runs=3, feeds=feeds)
+            return profile_bundle(
+                self.bundle,
+                self.runner,
+                runtime=self.runner.name,
+                threads=0,
+                codecs=codecs,
+                runs=3,
+                feeds=feeds,
+            )
         loaded = load_profile(self.edge_profile)
-        log.info("edge timings from profile %s (%s, %s)", self.edge_profile, loaded.device,
-                 loaded.mode)
+        log.info("edge timings from profile %s (%s, %s)", self.edge_profile, loaded.device, loaded.mode)
         have = {(c.cut, c.codec) for c in loaded.codecs}
         measured = profile_codecs(self.bundle, self.runner, feeds, codecs, runs=3)
         extra = tuple(c for c in measured if (c.cut, c.codec) not in have)

@@ -24,8 +24,7 @@ class PacedRunner:
 
     def __init__(self, inner: Runner, bundle: Bundle, profile: Profile) -> None:
         if profile.model != bundle.manifest.model:
-            raise UsageError(f"profile is for model '{profile.model}', bundle is "
-                             f"'{bundle.manifest.model}'")
+            raise UsageError(f"profile is for model '{profile.model}', bundle is '{bundle.manifest.model}'")
         self.inner = inner
         self.profile = profile
         self.name = f"{inner.name} paced as {profile.device}"
@@ -38,6 +37,5 @@ class PacedRunner:
         remaining = target_s - (time.perf_counter() - start)
         if remaining > 0:
             time.sleep(remaining)
-        paced = tuple(max(t, p) for t, p in zip(result.timings_ms, self._ms[first : last + 1],
-                                                 strict=True))
+        paced = tuple(max(t, p) for t, p in zip(result.timings_ms, self._ms[first : last + 1], strict=True))
         return SegmentRun(result.outputs, paced)

@@ -15,8 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="device name recorded in the profile (default: this machine)")
     p.add_argument("--codecs", default="int8,int6,int4,jpeg90", help="codecs to time per cut")
     p.add_argument("--runs", type=int, default=20, help="timed runs after 3 warm-up runs")
-    p.add_argument("--scale", type=float,
-                   help="write a *scaled* profile: timings × this factor (say why in --source)")
+    p.add_argument(
+        "--scale", type=float, help="write a *scaled* profile: timings × this factor (say why in --source)"
+    )
     p.add_argument("--source", default="", help="where a scale factor comes from")
     p.set_defaults(func=run)
 
@@ -34,14 +35,22 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     options = OrtOptions(tuple(args.providers.split(",")), args.threads)
     runner = make_runner(bundle, args.runtime, options)
-    prof = profile_bundle(bundle, runner, runtime=args.runtime, threads=args.threads,
-                          device=args.device, codecs=args.codecs.split(","), runs=args.runs)
+    prof = profile_bundle(
+        bundle,
+        runner,
+        runtime=args.runtime,
+        threads=args.threads,
+        device=args.device,
+        codecs=args.codecs.split(","),
+        runs=args.runs,
+    )
     if args.scale:
         if not args.source:
             raise UsageError("--scale needs --source saying where the factor comes from")
         prof = prof.scaled(args.scale, args.device or f"{prof.device}-scaled", args.source)
     save_profile(prof, args.out)
     total = sum(t.latency_ms for t in prof.segments)
-    print(f"{prof.device} ({prof.mode}): {len(prof.segments)} segments, whole model "
-          f"{total:.1f} ms → {args.out}")
+    print(
+        f"{prof.device} ({prof.mode}): {len(prof.segments)} segments, whole model {total:.1f} ms → {args.out}"
+    )
     return 0

@@ -38,19 +38,22 @@ def synthetic_input(bundle: Bundle, seed: int = 0) -> dict[str, np.ndarray]:
     return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in m.inputs}
 
 
-def profile_segments(bundle: Bundle, runner: Runner, feeds: Mapping[str, np.ndarray],
-                     runs: int = 20, warmup: int = 3) -> tuple[SegmentTiming, ...]:
+def profile_segments(
+    bundle: Bundle, runner: Runner, feeds: Mapping[str, np.ndarray], runs: int = 20, warmup: int = 3
+) -> tuple[SegmentTiming, ...]:
     n = len(bundle.manifest.segments)
     for _ in range(warmup):
         runner.run(feeds, 0, n - 1)
     samples = [runner.run(feeds, 0, n - 1).timings_ms for _ in range(runs)]
-    return tuple(SegmentTiming(segment_name(s.file), statistics.median(col), _p90(col), runs)
-                 for s, col in zip(bundle.manifest.segments, zip(*samples, strict=True),
-                                   strict=True))
+    return tuple(
+        SegmentTiming(segment_name(s.file), statistics.median(col), _p90(col), runs)
+        for s, col in zip(bundle.manifest.segments, zip(*samples, strict=True), strict=True)
+    )
 
 
-def profile_codecs(bundle: Bundle, runner: Runner, feeds: Mapping[str, np.ndarray],
-                   codecs: Sequence[str], runs: int = 10) -> tuple[CodecTiming, ...]:
+def profile_codecs(
+    bundle: Bundle, runner: Runner, feeds: Mapping[str, np.ndarray], codecs: Sequence[str], runs: int = 10
+) -> tuple[CodecTiming, ...]:
     """Encode+seal on this device (the edge's cost) and open+decode (what the tail pays)."""
     private = _throwaway_key()
     m = bundle.manifest
@@ -63,8 +66,9 @@ def profile_codecs(bundle: Bundle, runner: Runner, feeds: Mapping[str, np.ndarra
         for name in codecs:
             spec = CodecSpec.parse(name)
             if (spec.scheme == "jpeg") == (cut.id == "input" and norm is not None):
-                frame = _Frame(Binding(m.model, m.version, cut.id, "profile"), cut.frontier,
-                               spec, calib, norm)
+                frame = _Frame(
+                    Binding(m.model, m.version, cut.id, "profile"), cut.frontier, spec, calib, norm
+                )
                 out.append(frame.time(private, tensors, runs))
     return tuple(out)
 
@@ -77,32 +81,42 @@ class _Frame:
     calibration: Calibration | None
     norm: tuple[Sequence[float], Sequence[float]] | None
 
-    def time(self, key: ServicePrivateKey, tensors: Mapping[str, np.ndarray],
-             runs: int) -> CodecTiming:
+    def time(self, key: ServicePrivateKey, tensors: Mapping[str, np.ndarray], runs: int) -> CodecTiming:
         def seal() -> bytes:
-            payload = encode(tensors, self.specs, self.codec, self.calibration,
-                             image_norm=self.norm)
+            payload = encode(tensors, self.specs, self.codec, self.calibration, image_norm=self.norm)
             return seal_request(key.public, self.binding, payload)[0]
 
         sealed = seal()
 
         def unseal() -> object:
-            return decode(open_request(key, self.binding, sealed)[0], self.specs,
-                          image_norm=self.norm)
+            return decode(open_request(key, self.binding, sealed)[0], self.specs, image_norm=self.norm)
 
-        return CodecTiming(self.binding.cut, str(self.codec), _median_ms(seal, runs),
-                           _median_ms(unseal, runs), len(sealed))
+        return CodecTiming(
+            self.binding.cut, str(self.codec), _median_ms(seal, runs), _median_ms(unseal, runs), len(sealed)
+        )
 
 
-def profile_bundle(bundle: Bundle, runner: Runner, *, runtime: str, threads: int,
-                   device: str | None = None, codecs: Sequence[str] = ("int8", "jpeg90"),
-                   runs: int = 20, feeds: Mapping[str, np.ndarray] | None = None) -> Profile:
+def profile_bundle(
+    bundle: Bundle,
+    runner: Runner,
+    *,
+    runtime: str,
+    threads: int,
+    device: str | None = None,
+    codecs: Sequence[str] = ("int8", "jpeg90"),
+    runs: int = 20,
+    feeds: Mapping[str, np.ndarray] | None = None,
+) -> Profile:
     """Measure on `feeds` (a real input, as the agent's `--cut auto` does) or a synthetic one."""
     feeds = feeds if feeds is not None else synthetic_input(bundle)
     return Profile(
-        model=bundle.manifest.model, model_version=bundle.manifest.version,
-        manifest_sha256=bundle.manifest_sha256, device=device or default_device(threads),
-        runtime=runtime, threads=threads, mode="measured",
+        model=bundle.manifest.model,
+        model_version=bundle.manifest.version,
+        manifest_sha256=bundle.manifest_sha256,
+        device=device or default_device(threads),
+        runtime=runtime,
+        threads=threads,
+        mode="measured",
         source=f"edgecut profile on {platform.node()} ({platform.machine()})",
         segments=profile_segments(bundle, runner, feeds, runs),
         codecs=profile_codecs(bundle, runner, feeds, codecs),

@@ -69,8 +69,7 @@ class OrtRunner:
     def __init__(self, bundle: Bundle, options: OrtOptions | None = None) -> None:
         options = options or OrtOptions()
         self.name = f"ort[{','.join(options.providers)}]x{options.threads or 'auto'}"
-        self._sessions = [make_session(bundle.path(s.file), options)
-                          for s in bundle.manifest.segments]
+        self._sessions = [make_session(bundle.path(s.file), options) for s in bundle.manifest.segments]
         self._outputs = [[o.name for o in sess.get_outputs()] for sess in self._sessions]
         self._inputs = [[i.name for i in sess.get_inputs()] for sess in self._sessions]
 
@@ -92,8 +91,9 @@ def _interpreter_class() -> Any:
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ModuleNotFoundError as exc:
-        raise DependencyError("the LiteRT runtime (ai-edge-litert) is not installed",
-                              hint='pip install "edgecut[litert]"') from exc
+        raise DependencyError(
+            "the LiteRT runtime (ai-edge-litert) is not installed", hint='pip install "edgecut[litert]"'
+        ) from exc
     return Interpreter
 
 
@@ -101,9 +101,10 @@ def tflite_path(bundle: Bundle, segment: Segment) -> Path:
     """The `.tflite` beside a segment; it must be listed (hash-verified) in the manifest."""
     rel = str(Path(segment.file).with_suffix(".tflite"))
     if rel not in bundle.manifest.files:
-        raise BundleError(f"bundle '{bundle.name}' has no LiteRT conversion of {segment.file} "
-                          f"({rel} not in the manifest)",
-                          hint="convert with `edgecut partition --tflite`, or use --runtime ort")
+        raise BundleError(
+            f"bundle '{bundle.name}' has no LiteRT conversion of {segment.file} ({rel} not in the manifest)",
+            hint="convert with `edgecut partition --tflite`, or use --runtime ort",
+        )
     return bundle.path(rel)
 
 
@@ -134,8 +135,10 @@ class LiteRtRunner:
     def run(self, feeds: Mapping[str, np.ndarray], first: int, last: int) -> SegmentRun:
         _check_range(len(self._segments), first, last)
         if not self.covers(first, last):
-            raise BundleError(f"segments {first + 1}..{last + 1} are not all converted to LiteRT; "
-                              "choose a cut whose head is converted, or use --runtime ort")
+            raise BundleError(
+                f"segments {first + 1}..{last + 1} are not all converted to LiteRT; "
+                "choose a cut whose head is converted, or use --runtime ort"
+            )
         return _chain(feeds, [self._step(i) for i in range(first, last + 1)])
 
     def _step(self, i: int) -> Any:

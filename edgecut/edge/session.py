@@ -151,8 +151,12 @@ def answer_error(code: int, message: str) -> EdgecutError:
 class _Stream:
     """One `Infer` call: a queue feeding the request iterator and a thread reading answers."""
 
-    def __init__(self, stub: edgecut_pb2_grpc.TailServiceStub, metadata: Sequence[tuple[str, str]],
-                 session: TailSession) -> None:
+    def __init__(
+        self,
+        stub: edgecut_pb2_grpc.TailServiceStub,
+        metadata: Sequence[tuple[str, str]],
+        session: TailSession,
+    ) -> None:
         self._queue: queue.SimpleQueue[pb.Frame | None] = queue.SimpleQueue()
         self._call = stub.Infer(self._requests(), metadata=metadata)
         self._session = session
@@ -209,12 +213,14 @@ class TailSession:
         channel = self._open_channel()
         stub = edgecut_pb2_grpc.TailServiceStub(channel)
         try:
-            reply = stub.ServerInfo(pb.ServerInfoRequest(), metadata=self._metadata,
-                                    timeout=self.config.connect_timeout_ms / 1e3)
+            reply = stub.ServerInfo(
+                pb.ServerInfoRequest(), metadata=self._metadata, timeout=self.config.connect_timeout_ms / 1e3
+            )
         except grpc.RpcError as exc:
             channel.close()
-            raise UnavailableError(f"tail service {self.config.target} is unreachable "
-                                   f"({exc.code().name}: {exc.details()})") from None
+            raise UnavailableError(
+                f"tail service {self.config.target} is unreachable ({exc.code().name}: {exc.details()})"
+            ) from None
         try:
             info = self._check(reply)
         except EdgecutError:
@@ -232,8 +238,11 @@ class TailSession:
 
     def _open_channel(self) -> grpc.Channel:
         c = self.config
-        options = [*grpc_options(), ("grpc.initial_reconnect_backoff_ms", 100),
-                   ("grpc.max_reconnect_backoff_ms", int(c.backoff_max_ms))]
+        options = [
+            *grpc_options(),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", int(c.backoff_max_ms)),
+        ]
         if c.tls_ca is None:
             return grpc.insecure_channel(c.target, options=options)
         creds = grpc.ssl_channel_credentials(c.tls_ca, c.tls_key, c.tls_cert)
@@ -244,17 +253,22 @@ class TailSession:
         model = next((m for m in reply.models if (m.name, m.version) == (c.model, c.version)), None)
         if model is None:
             serves = ", ".join(f"{m.name}:{m.version}" for m in reply.models) or "nothing"
-            raise NotFoundError(f"server {c.target} has no model '{c.model}' version "
-                                f"'{c.version}' (serves: {serves})")
+            raise NotFoundError(
+                f"server {c.target} has no model '{c.model}' version '{c.version}' (serves: {serves})"
+            )
         if c.build and model.manifest_sha256 and model.manifest_sha256 != c.build:
-            raise NotFoundError(f"server {c.target} serves a different build of {c.model}:{c.version} "
-                                f"(manifest sha {model.manifest_sha256[:12]} vs local "
-                                f"{c.build[:12]})")
+            raise NotFoundError(
+                f"server {c.target} serves a different build of {c.model}:{c.version} "
+                f"(manifest sha {model.manifest_sha256[:12]} vs local "
+                f"{c.build[:12]})"
+            )
         mine = key_id(c.server_key)
         if reply.key_id != mine:
-            raise SealError(f"wrong server key: {c.target} opens frames sealed to key "
-                            f"{reply.key_id}, but --server-key is key {mine}",
-                            hint="copy this server's service.pub to the device")
+            raise SealError(
+                f"wrong server key: {c.target} opens frames sealed to key "
+                f"{reply.key_id}, but --server-key is key {mine}",
+                hint="copy this server's service.pub to the device",
+            )
         times = serverinfo.tail_info(reply, model).times
         return ServerDescription(reply.key_id, reply.device, reply.queue_delay_ms, times)
 
@@ -280,14 +294,14 @@ class TailSession:
         if self._stream is not None:
             return self._stream
         if time.perf_counter() < self._retry_at:
-            raise UnavailableError(f"tail service {self.config.target} is unreachable "
-                                   "(waiting to reconnect)")
+            raise UnavailableError(f"tail service {self.config.target} is unreachable (waiting to reconnect)")
         try:
             self.connect()
         except EdgecutError:
             self._failures += 1
-            delay_ms = min(self.config.backoff_max_ms,
-                           self.config.backoff_initial_ms * 2 ** (self._failures - 1))
+            delay_ms = min(
+                self.config.backoff_max_ms, self.config.backoff_initial_ms * 2 ** (self._failures - 1)
+            )
             self._retry_at = time.perf_counter() + delay_ms * random.uniform(0.5, 1.0) / 1e3
             raise
         stream = self._stream
@@ -304,11 +318,11 @@ class TailSession:
                 mine = self._pending.pop(ticket.request_id, None) is not None
             if not mine:  # the answer won the race
                 return ticket.future.result()
-            raise DeadlineError(f"request {ticket.request_id}: no answer within "
-                                f"{self.config.deadline_ms} ms") from None
+            raise DeadlineError(
+                f"request {ticket.request_id}: no answer within {self.config.deadline_ms} ms"
+            ) from None
 
-    def probe(self, payload_bytes: int = 0, reply_bytes: int = 0,
-              timeout_ms: float | None = None) -> float:
+    def probe(self, payload_bytes: int = 0, reply_bytes: int = 0, timeout_ms: float | None = None) -> float:
         """Round trip of a Probe carrying `payload_bytes` up and `reply_bytes` down, in ms.
 
         `timeout_ms` defaults to the connect timeout.
@@ -318,9 +332,11 @@ class TailSession:
             raise UnavailableError(f"tail service {self.config.target}: not connected")
         t0 = time.perf_counter()
         try:
-            stub.Probe(pb.ProbeRequest(payload=bytes(payload_bytes), reply_bytes=reply_bytes),
-                       metadata=self._metadata,
-                       timeout=(timeout_ms or self.config.connect_timeout_ms) / 1e3)
+            stub.Probe(
+                pb.ProbeRequest(payload=bytes(payload_bytes), reply_bytes=reply_bytes),
+                metadata=self._metadata,
+                timeout=(timeout_ms or self.config.connect_timeout_ms) / 1e3,
+            )
         except grpc.RpcError as exc:
             raise UnavailableError(f"probe failed: {exc.code().name}") from None
         return (time.perf_counter() - t0) * 1e3
@@ -352,9 +368,18 @@ class TailSession:
             return
         t = answer.timings
         timings = ServerTimings(t.queue_ms, t.decode_ms, t.compute_ms, t.encode_ms, t.batch_size)
-        pending.future.set_result(Reply(answer.request_id, payload, timings, pending.bytes_up,
-                                        len(answer.sealed), pending.wire_start, received,
-                                        answer.server_queue_delay_ms))
+        pending.future.set_result(
+            Reply(
+                answer.request_id,
+                payload,
+                timings,
+                pending.bytes_up,
+                len(answer.sealed),
+                pending.wire_start,
+                received,
+                answer.server_queue_delay_ms,
+            )
+        )
 
     def _on_broken(self, stream: _Stream, error: str) -> None:
         with self._lock:
@@ -364,7 +389,8 @@ class TailSession:
             for rid in lost:
                 del self._pending[rid]
         if lost:
-            log.warning("stream to %s broke (%s): %d request(s) in flight", self.config.target,
-                        error, len(lost))
+            log.warning(
+                "stream to %s broke (%s): %d request(s) in flight", self.config.target, error, len(lost)
+            )
         for p in lost.values():
             p.future.set_exception(UnavailableError(f"stream to {self.config.target} broke: {error}"))

@@ -42,8 +42,7 @@ def relax_batch(segment: onnx.ModelProto) -> onnx.ModelProto:
                 # [-1, rest...] with rest taken from the batch-1 inferred shape: valid under
                 # allowzero=1 and when the original target used -1 elsewhere.
                 name = f"{node.input[1]}__batched_{node.output[0]}"
-                g.initializer.append(numpy_helper.from_array(
-                    np.array([-1, *out_shape[1:]], np.int64), name))
+                g.initializer.append(numpy_helper.from_array(np.array([-1, *out_shape[1:]], np.int64), name))
                 node.input[1] = name
     return seg
 
@@ -65,8 +64,9 @@ def _constant_values(g: onnx.GraphProto) -> dict[str, np.ndarray]:
     return values
 
 
-def batched_if_safe(segments: Sequence[onnx.ModelProto],
-                    samples: Sequence[Mapping[str, np.ndarray]]) -> tuple[list[onnx.ModelProto], bool]:
+def batched_if_safe(
+    segments: Sequence[onnx.ModelProto], samples: Sequence[Mapping[str, np.ndarray]]
+) -> tuple[list[onnx.ModelProto], bool]:
     """Relaxed segments when a batch of samples matches the samples run one at a time."""
     if len(samples) < 2:
         return list(segments), False
@@ -77,8 +77,7 @@ def batched_if_safe(segments: Sequence[onnx.ModelProto],
         stacked = {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
         got = batch.run(stacked)
         want = [single.run(s) for s in samples]
-        ok = all(np.allclose(got[k], np.concatenate([w[k] for w in want]), rtol=1e-4, atol=1e-5)
-                 for k in got)
+        ok = all(np.allclose(got[k], np.concatenate([w[k] for w in want]), rtol=1e-4, atol=1e-5) for k in got)
     except Exception as exc:  # any failure means "not batchable", never a failed partition
         log.debug("segments are not batchable: %s", exc)
         return list(segments), False

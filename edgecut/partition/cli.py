@@ -12,21 +12,35 @@ from edgecut.partition.cuts import DEFAULT_MAX_CUTS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="an .onnx file, a built-in name (efficientnet-lite0) or "
-                                 "a torch factory 'package.module:function'")
+    p.add_argument(
+        "model",
+        help="an .onnx file, a built-in name (efficientnet-lite0) or "
+        "a torch factory 'package.module:function'",
+    )
     p.add_argument("-o", "--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--input-shape", help="static input shape for dynamic models, e.g. 1x3x224x224")
-    p.add_argument("--max-cuts", type=int, default=DEFAULT_MAX_CUTS,
-                   help=f"cuts to keep, input and output included (default {DEFAULT_MAX_CUTS})")
-    p.add_argument("--all-cuts", action="store_true",
-                   help="keep every position (up to --max-cuts), not only useful ones")
+    p.add_argument(
+        "--max-cuts",
+        type=int,
+        default=DEFAULT_MAX_CUTS,
+        help=f"cuts to keep, input and output included (default {DEFAULT_MAX_CUTS})",
+    )
+    p.add_argument(
+        "--all-cuts", action="store_true", help="keep every position (up to --max-cuts), not only useful ones"
+    )
     p.add_argument("--name", help="model name in the manifest (default: from the source)")
     p.add_argument("--model-version", default="1", help="model version in the manifest")
     p.add_argument("--sign", type=Path, metavar="KEY", help="Ed25519 signing key (edgecut keys gen)")
-    p.add_argument("--calibrate", metavar="DIR|builtin",
-                   help="calibrate codecs and measure fidelity on photos (builtin = scikit-image)")
-    p.add_argument("--tflite", action="store_true",
-                   help="also convert edge-side segments to LiteRT (.tflite); needs litert-torch")
+    p.add_argument(
+        "--calibrate",
+        metavar="DIR|builtin",
+        help="calibrate codecs and measure fidelity on photos (builtin = scikit-image)",
+    )
+    p.add_argument(
+        "--tflite",
+        action="store_true",
+        help="also convert edge-side segments to LiteRT (.tflite); needs litert-torch",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -39,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         raise UsageError(f"output directory '{args.out}' exists (use --force to replace it)")
     if args.tflite and importlib.util.find_spec("litert_torch") is None:
-        raise DependencyError("--tflite needs the LiteRT converter (litert-torch), not installed",
-                              hint="pip install litert-torch && pip install --no-deps onnx2torch")
+        raise DependencyError(
+            "--tflite needs the LiteRT converter (litert-torch), not installed",
+            hint="pip install litert-torch && pip install --no-deps onnx2torch",
+        )
     key = None
     if args.sign is not None:
         from edgecut.keys import load_signing_private
@@ -48,9 +64,14 @@ def run(args: argparse.Namespace) -> int:
         key = load_signing_private(args.sign)
     shape = parse_shape(args.input_shape) if args.input_shape else None
     loaded = load_model(args.model, input_shape=shape, name=args.name, version=args.model_version)
-    bundle = partition(loaded, args.out, max_cuts=args.max_cuts,
-                       mode="all" if args.all_cuts else "useful", force=args.force,
-                       signing_key=key)
+    bundle = partition(
+        loaded,
+        args.out,
+        max_cuts=args.max_cuts,
+        mode="all" if args.all_cuts else "useful",
+        force=args.force,
+        signing_key=key,
+    )
     if args.calibrate:
         from edgecut.partition.calibrate import calibrate_bundle
 
@@ -61,9 +82,19 @@ def run(args: argparse.Namespace) -> int:
         bundle = convert_bundle(bundle, signing_key=key)
     v = bundle.manifest.verification
     if args.json:
-        print(json.dumps({"bundle": str(args.out), "cuts": len(bundle.manifest.cuts),
-                          "verification": v, "signed": key is not None}))
+        print(
+            json.dumps(
+                {
+                    "bundle": str(args.out),
+                    "cuts": len(bundle.manifest.cuts),
+                    "verification": v,
+                    "signed": key is not None,
+                }
+            )
+        )
     else:
-        print(f"{bundle.name}: {len(bundle.manifest.cuts)} cuts → {args.out} "
-              f"(verified: max |Δ| {v['max_abs_diff']:.2g}, {v['seconds']} s)")
+        print(
+            f"{bundle.name}: {len(bundle.manifest.cuts)} cuts → {args.out} "
+            f"(verified: max |Δ| {v['max_abs_diff']:.2g}, {v['seconds']} s)"
+        )
     return 0

@@ -18,8 +18,9 @@ DEFAULT_MAX_CUTS = 16
 MAX_FRONTIER_TENSORS = 8  # more tensors than this per cut is a sign of a pathological order
 
 
-def select_positions(positions: Sequence[Position], max_cuts: int = DEFAULT_MAX_CUTS,
-                     mode: str = "useful") -> list[Position]:
+def select_positions(
+    positions: Sequence[Position], max_cuts: int = DEFAULT_MAX_CUTS, mode: str = "useful"
+) -> list[Position]:
     """Kept positions, in order, including the input (index -1) and the last node (output).
 
     `max_cuts` counts every cut, input and output included. `mode="all"` keeps every position

@@ -78,8 +78,9 @@ def _is_random(node: onnx.NodeProto) -> bool:
     return node.op_type.startswith("Random") or node.op_type == "Multinomial"
 
 
-def _positions(compute: list[onnx.NodeProto], inputs: list[str], outputs: list[str],
-               specs: dict[str, TensorSpec]) -> tuple[Position, ...]:
+def _positions(
+    compute: list[onnx.NodeProto], inputs: list[str], outputs: list[str], specs: dict[str, TensorSpec]
+) -> tuple[Position, ...]:
     produced_at = {name: -1 for name in inputs}
     last_use: dict[str, int] = {}
     for i, node in enumerate(compute):

@@ -33,7 +33,7 @@ class LoadedModel:
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    """"1x3x224x224" → (1, 3, 224, 224)."""
+    """ "1x3x224x224" → (1, 3, 224, 224)."""
     try:
         dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x"))
     except ValueError:
@@ -43,15 +43,15 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def load_model(source: str, *, input_shape: tuple[int, ...] | None = None,
-               name: str | None = None, version: str = "1") -> LoadedModel:
+def load_model(
+    source: str, *, input_shape: tuple[int, ...] | None = None, name: str | None = None, version: str = "1"
+) -> LoadedModel:
     if source in EFFICIENTNET_LITE:
         return _from_torch(load_builtin(source))
     if source.endswith(".onnx") or Path(source).is_file():
         model = _read_onnx(Path(source))
         label = name or Path(source).stem
-        return LoadedModel(_static(model, input_shape, label), label, version, Preprocess("none"),
-                           None)
+        return LoadedModel(_static(model, input_shape, label), label, version, Preprocess("none"), None)
     if ":" in source:
         return _from_torch(_factory(source, name, version))
     raise UsageError(
@@ -66,13 +66,17 @@ def _read_onnx(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
     except (DecodeError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"'{path}' is not a valid ONNX model (truncated or another format): "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                             ) from exc
+        raise ModelLoadError(
+            f"'{path}' is not a valid ONNX model (truncated or another format): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
 
 
-def _static(model: onnx.ModelProto, input_shape: tuple[int, ...] | None, label: str,
-            ) -> onnx.ModelProto:
+def _static(
+    model: onnx.ModelProto,
+    input_shape: tuple[int, ...] | None,
+    label: str,
+) -> onnx.ModelProto:
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
     # Old exporters list initializers among graph inputs; they are weights, not inputs.
@@ -95,8 +99,10 @@ def _fix_dims(vi: onnx.ValueInfoProto, shape: tuple[int, ...] | None, label: str
     if not dynamic and shape is None:
         return
     if shape is None:
-        raise UsageError(f"model '{label}' input '{vi.name}' has dynamic dimensions; "
-                         "pass --input-shape, e.g. --input-shape 1x3x224x224")
+        raise UsageError(
+            f"model '{label}' input '{vi.name}' has dynamic dimensions; "
+            "pass --input-shape, e.g. --input-shape 1x3x224x224"
+        )
     if n != 1:
         raise UsageError(f"model '{label}' has {n} inputs; --input-shape supports one input")
     if len(shape) != len(dims):
@@ -108,8 +114,7 @@ def _fix_dims(vi: onnx.ValueInfoProto, shape: tuple[int, ...] | None, label: str
 
 def _infer(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True,
-                                                 data_prop=True)
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"model '{label}': shape inference failed: {first}") from exc
@@ -132,8 +137,7 @@ def _factory(spec: str, name: str | None, version: str) -> TorchModel:
 
 def _from_torch(tm: TorchModel) -> LoadedModel:
     model = export_torch(tm.module, tm.example, tm.name)
-    return LoadedModel(_static(model, None, tm.name), tm.name, tm.version, tm.preprocess,
-                       tm.labels)
+    return LoadedModel(_static(model, None, tm.name), tm.name, tm.version, tm.preprocess, tm.labels)
 
 
 def export_torch(module: Any, example: tuple[Any, ...], label: str) -> onnx.ModelProto:
@@ -145,7 +149,7 @@ def export_torch(module: Any, example: tuple[Any, ...], label: str) -> onnx.Mode
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)
     try:
-        with (contextlib.redirect_stdout(chatter), warnings.catch_warnings(), torch.no_grad()):
+        with contextlib.redirect_stdout(chatter), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, example, dynamo=True, verbose=False)
     except Exception as exc:  # the exporter raises many unrelated types

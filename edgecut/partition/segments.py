@@ -21,8 +21,9 @@ from edgecut.runtime import SegmentChain, make_session
 TOLERANCE = 1e-4  # max |split - unsplit| relative to the output's max magnitude
 
 
-def build_segment(model: onnx.ModelProto, analysis: Analysis, start: Position, end: Position,
-                  name: str) -> onnx.ModelProto:
+def build_segment(
+    model: onnx.ModelProto, analysis: Analysis, start: Position, end: Position, name: str
+) -> onnx.ModelProto:
     nodes = list(analysis.compute[start.index + 1 : end.index + 1])
     available = {t.name for t in start.frontier} | {o for n in nodes for o in n.output}
     needed = {i for n in nodes for i in node_inputs(n)} - available
@@ -31,19 +32,24 @@ def build_segment(model: onnx.ModelProto, analysis: Analysis, start: Position, e
     frontier = {t.name for t in (*start.frontier, *end.frontier)}
     initializers = [t for t in model.graph.initializer if t.name in needed | const_inputs]
     graph = helper.make_graph(
-        [*constants, *nodes], name,
-        [_value_info(t) for t in start.frontier], [_value_info(t) for t in end.frontier],
+        [*constants, *nodes],
+        name,
+        [_value_info(t) for t in start.frontier],
+        [_value_info(t) for t in end.frontier],
         initializer=initializers,
         value_info=[v for v in model.graph.value_info if v.name in available - frontier],
     )
-    seg = helper.make_model(graph, opset_imports=list(model.opset_import),
-                            ir_version=model.ir_version, producer_name="edgecut")
+    seg = helper.make_model(
+        graph, opset_imports=list(model.opset_import), ir_version=model.ir_version, producer_name="edgecut"
+    )
     seg.functions.extend(model.functions)
     return seg
 
 
-def _constant_closure(constant_nodes: Sequence[onnx.NodeProto], needed: set[str],
-                      ) -> list[onnx.NodeProto]:
+def _constant_closure(
+    constant_nodes: Sequence[onnx.NodeProto],
+    needed: set[str],
+) -> list[onnx.NodeProto]:
     """Constant nodes producing `needed`, with the constant nodes they depend on, in order."""
     wanted = set(needed)
     keep = []
@@ -67,16 +73,22 @@ class Verification:
     tolerance: float = TOLERANCE
 
     def to_json(self) -> dict[str, float | int]:
-        return {"samples": self.samples, "max_abs_diff": self.max_abs_diff,
-                "relative_diff": self.relative_diff, "tolerance": self.tolerance}
+        return {
+            "samples": self.samples,
+            "max_abs_diff": self.max_abs_diff,
+            "relative_diff": self.relative_diff,
+            "tolerance": self.tolerance,
+        }
 
 
-def verify(model: onnx.ModelProto, segments: Sequence[onnx.ModelProto],
-           samples: Sequence[Mapping[str, np.ndarray]]) -> Verification:
+def verify(
+    model: onnx.ModelProto, segments: Sequence[onnx.ModelProto], samples: Sequence[Mapping[str, np.ndarray]]
+) -> Verification:
     """Run the unsplit model and the chained segments under ORT on the same inputs."""
     full = make_session(model.SerializeToString(), label="the unsplit model")
-    chain = SegmentChain([make_session(s.SerializeToString()) for s in segments],
-                         [s.graph.name for s in segments])
+    chain = SegmentChain(
+        [make_session(s.SerializeToString()) for s in segments], [s.graph.name for s in segments]
+    )
     names = [o.name for o in full.get_outputs()]
     worst_abs, scale = 0.0, 0.0
     for feeds in samples:

@@ -36,24 +36,55 @@ from edgecut.errors import DependencyError, UsageError
 log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 1e-3  # max |LiteRT - ORT| allowed, relative to max(1, max |ORT output|)
-CONVERTER_HINT = ("pip install litert-torch && pip install --no-deps onnx2torch (heavy: ~1.4 GB "
-                  "with jax and transformers; install a CPU torch first)")
+CONVERTER_HINT = (
+    "pip install litert-torch && pip install --no-deps onnx2torch (heavy: ~1.4 GB "
+    "with jax and transformers; install a CPU torch first)"
+)
 # ONNX opset-18 reductions take `axes` as an input; onnx2torch 1.5 only knows the attribute form.
 # (ReduceMax/ReduceMin 20 only add bool.)
-_REDUCE_18 = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax",
-              "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSumSquare")
+_REDUCE_18 = (
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceSumSquare",
+)
 # Newer op versions that only add element types (bfloat16, float8, int4, string) over a version
 # onnx2torch 1.5 converts: (op, new version, version with the same semantics for our dtypes).
 _TYPE_ONLY_BUMPS = (
-    ("Cast", 19, 13), ("Cast", 21, 13), ("Constant", 19, 13), ("Constant", 21, 13),
-    ("ConstantOfShape", 20, 9), ("ConstantOfShape", 21, 9), ("Conv", 22, 11),
-    ("ConvTranspose", 22, 11), ("Dropout", 22, 13), ("Elu", 22, 6), ("Equal", 19, 13),
-    ("Flatten", 21, 13), ("GlobalAveragePool", 22, 1), ("HardSigmoid", 22, 6),
-    ("HardSwish", 22, 14), ("Identity", 19, 16), ("Identity", 21, 16),
-    ("InstanceNormalization", 22, 6), ("IsInf", 20, 10), ("IsNaN", 20, 13), ("MaxPool", 22, 12),
-    ("Round", 22, 11), ("Selu", 22, 6),
-    ("Shape", 19, 15), ("Shape", 21, 15), ("Softplus", 22, 1), ("Softsign", 22, 1),
-    ("Transpose", 21, 13), ("Unsqueeze", 21, 13),
+    ("Cast", 19, 13),
+    ("Cast", 21, 13),
+    ("Constant", 19, 13),
+    ("Constant", 21, 13),
+    ("ConstantOfShape", 20, 9),
+    ("ConstantOfShape", 21, 9),
+    ("Conv", 22, 11),
+    ("ConvTranspose", 22, 11),
+    ("Dropout", 22, 13),
+    ("Elu", 22, 6),
+    ("Equal", 19, 13),
+    ("Flatten", 21, 13),
+    ("GlobalAveragePool", 22, 1),
+    ("HardSigmoid", 22, 6),
+    ("HardSwish", 22, 14),
+    ("Identity", 19, 16),
+    ("Identity", 21, 16),
+    ("InstanceNormalization", 22, 6),
+    ("IsInf", 20, 10),
+    ("IsNaN", 20, 13),
+    ("MaxPool", 22, 12),
+    ("Round", 22, 11),
+    ("Selu", 22, 6),
+    ("Shape", 19, 15),
+    ("Shape", 21, 15),
+    ("Softplus", 22, 1),
+    ("Softsign", 22, 1),
+    ("Transpose", 21, 13),
+    ("Unsqueeze", 21, 13),
 )
 
 
@@ -101,7 +132,7 @@ def _strip(message: Any) -> None:
     for field, value in message.ListFields():
         if field.message_type is None or field.name == "metadata_props":
             continue
-        for sub in (value if _is_repeated(field) else [value]):
+        for sub in value if _is_repeated(field) else [value]:
             _strip(sub)
 
 
@@ -115,9 +146,14 @@ def edge_segments(bundle: Bundle) -> list[int]:
     return list(range(len(bundle.manifest.segments) - 1))
 
 
-def convert_bundle(bundle: Bundle, *, tolerance: float = DEFAULT_TOLERANCE,
-                   segments: Sequence[int] | None = None, signing_key: Any = None,
-                   samples: Sequence[Mapping[str, np.ndarray]] | None = None) -> Bundle:
+def convert_bundle(
+    bundle: Bundle,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    segments: Sequence[int] | None = None,
+    signing_key: Any = None,
+    samples: Sequence[Mapping[str, np.ndarray]] | None = None,
+) -> Bundle:
     """Convert segments (0-based indices; default: the edge-side ones) and record the outcome.
 
     Writes `segments/seg_XXX.tflite` for every conversion within tolerance, lists them with their
@@ -140,17 +176,22 @@ def convert_bundle(bundle: Bundle, *, tolerance: float = DEFAULT_TOLERANCE,
             seg = m.segments[i]
             out = Path(tmp) / Path(tflite_file(seg)).name
             result = _convert_one(tools, bundle, seg, per_segment[i], out, tolerance)
-            log.info("%s → tflite: %s (max |Δ| %s)%s", seg.file, result.status,
-                     f"{result.max_abs_diff:.3g}" if result.max_abs_diff is not None else "-",
-                     f": {result.error}" if result.error else "")
+            log.info(
+                "%s → tflite: %s (max |Δ| %s)%s",
+                seg.file,
+                result.status,
+                f"{result.max_abs_diff:.3g}" if result.max_abs_diff is not None else "-",
+                f": {result.error}" if result.error else "",
+            )
             results.append(result)
             if result.status == "ok":
                 made[i] = out
         return install_tflite(bundle, made, results, signing_key=signing_key)
 
 
-def install_tflite(bundle: Bundle, files: Mapping[int, Path], results: Sequence[Conversion] = (),
-                   *, signing_key: Any = None) -> Bundle:
+def install_tflite(
+    bundle: Bundle, files: Mapping[int, Path], results: Sequence[Conversion] = (), *, signing_key: Any = None
+) -> Bundle:
     """Copy `.tflite` files (segment index → path) into the bundle and list them in its manifest.
 
     Segments that have a result other than "ok" lose any earlier conversion, so a stale `.tflite`
@@ -170,8 +211,9 @@ def install_tflite(bundle: Bundle, files: Mapping[int, Path], results: Sequence[
     report = dict(m.verification.get("tflite", {}))
     report.update({r.segment: r.to_json() for r in results})
     verification = {**m.verification, "tflite": dict(sorted(report.items()))}
-    write_manifest(bundle.root, dataclasses.replace(m, files=file_map, verification=verification),
-                   signing_key)
+    write_manifest(
+        bundle.root, dataclasses.replace(m, files=file_map, verification=verification), signing_key
+    )
     return load_bundle(bundle.root)
 
 
@@ -183,11 +225,16 @@ def _converter() -> dict[str, Any]:
 
         onnx2torch = _import_onnx2torch()
     except ModuleNotFoundError as exc:
-        raise DependencyError(f"converting segments to LiteRT needs {exc.name}, which is not "
-                              "installed", hint=CONVERTER_HINT) from exc
+        raise DependencyError(
+            f"converting segments to LiteRT needs {exc.name}, which is not installed", hint=CONVERTER_HINT
+        ) from exc
     _register_newer_opsets()
-    return {"torch": torch, "litert_torch": litert_torch, "onnx2torch": onnx2torch,
-            "Interpreter": Interpreter}
+    return {
+        "torch": torch,
+        "litert_torch": litert_torch,
+        "onnx2torch": onnx2torch,
+        "Interpreter": Interpreter,
+    }
 
 
 def _import_onnx2torch() -> Any:
@@ -205,6 +252,7 @@ def _import_onnx2torch() -> Any:
     try:
         import torchvision  # noqa: F401
     except Exception:  # a CUDA torchvision over a CPU torch raises RuntimeError
+
         def missing(*args: Any, **kwargs: Any) -> Any:
             raise NotImplementedError("this operator needs torchvision, which is not installed")
 
@@ -245,13 +293,12 @@ def _register_newer_opsets() -> None:
         if not axes and node.attributes.get("noop_with_empty_axes", 0):
             raise NotImplementedError(f"{node.operation_type} with noop_with_empty_axes")
         return OperationConverterResult(
-            torch_module=OnnxReduceStaticAxes(node.operation_type, axes,
-                                              node.attributes.get("keepdims", 1)),
-            onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values))
+            torch_module=OnnxReduceStaticAxes(node.operation_type, axes, node.attributes.get("keepdims", 1)),
+            onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values),
+        )
 
     def known(op: str, version: int) -> Any:
-        return _CONVERTER_REGISTRY.get(OperationDescription(domain="", operation_type=op,
-                                                            version=version))
+        return _CONVERTER_REGISTRY.get(OperationDescription(domain="", operation_type=op, version=version))
 
     for op, version in [(op, 18) for op in _REDUCE_18] + [("ReduceMax", 20), ("ReduceMin", 20)]:
         if known(op, version) is None:
@@ -278,8 +325,7 @@ def _register_reshape(known: Any, description: Any, registry: Any) -> None:
             self.shape, self.allowzero = shape, allowzero
 
         def forward(self, x: Any) -> Any:
-            shape = [x.shape[i] if d == 0 and not self.allowzero else d
-                     for i, d in enumerate(self.shape)]
+            shape = [x.shape[i] if d == 0 and not self.allowzero else d for i, d in enumerate(self.shape)]
             return torch.reshape(x, shape)
 
     def convert(node: Any, graph: Any) -> Any:
@@ -289,7 +335,8 @@ def _register_reshape(known: Any, description: Any, registry: Any) -> None:
             return original(node, graph)
         return OperationConverterResult(
             torch_module=StaticReshape(shape, bool(node.attributes.get("allowzero", 0))),
-            onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values))
+            onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values),
+        )
 
     convert.edgecut_reshape = True  # type: ignore[attr-defined]
     for version in (14, 19, 21):
@@ -303,18 +350,28 @@ def _default_samples(bundle: Bundle, count: int = 3) -> list[dict[str, np.ndarra
 
         return [{m.inputs[0].name: prepare(im, m.preprocess)} for _, im in sample_photos()[:count]]
     rng = np.random.default_rng(0)
-    return [{s.name: (rng.standard_normal(s.shape) if s.dtype.startswith("float")
-                      else rng.integers(0, 2 if s.dtype == "bool" else 10, s.shape)).astype(s.dtype)
-             for s in m.inputs} for _ in range(count)]
+    return [
+        {
+            s.name: (
+                rng.standard_normal(s.shape)
+                if s.dtype.startswith("float")
+                else rng.integers(0, 2 if s.dtype == "bool" else 10, s.shape)
+            ).astype(s.dtype)
+            for s in m.inputs
+        }
+        for _ in range(count)
+    ]
 
 
-def _segment_inputs(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]], last: int,
-                    ) -> list[list[dict[str, np.ndarray]]]:
+def _segment_inputs(
+    bundle: Bundle,
+    samples: Sequence[Mapping[str, np.ndarray]],
+    last: int,
+) -> list[list[dict[str, np.ndarray]]]:
     """For segments 0..last, the feeds each one sees when the model runs on each sample (ORT)."""
     from edgecut.runtime import OrtOptions, make_session
 
-    sessions = [make_session(bundle.path(s.file), OrtOptions())
-                for s in bundle.manifest.segments[: last + 1]]
+    sessions = [make_session(bundle.path(s.file), OrtOptions()) for s in bundle.manifest.segments[: last + 1]]
     envs = [dict(s) for s in samples]
     per_segment = []
     for seg, sess in zip(bundle.manifest.segments, sessions, strict=False):
@@ -325,9 +382,14 @@ def _segment_inputs(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]],
     return per_segment
 
 
-def _convert_one(tools: Mapping[str, Any], bundle: Bundle, seg: Segment,
-                 feeds: Sequence[Mapping[str, np.ndarray]], out: Path, tolerance: float,
-                 ) -> Conversion:
+def _convert_one(
+    tools: Mapping[str, Any],
+    bundle: Bundle,
+    seg: Segment,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    out: Path,
+    tolerance: float,
+) -> Conversion:
     from edgecut.runtime import OrtOptions, make_session
 
     name, t0 = Path(seg.file).stem, time.perf_counter()
@@ -342,19 +404,27 @@ def _convert_one(tools: Mapping[str, Any], bundle: Bundle, seg: Segment,
         args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[0][k][:1])) for k in graph_inputs)
         chatter = io.StringIO()  # the converter prints progress and warnings: to the debug log
         try:
-            with (torch.no_grad(), contextlib.redirect_stdout(chatter),
-                  contextlib.redirect_stderr(chatter), warnings.catch_warnings()):
+            with (
+                torch.no_grad(),
+                contextlib.redirect_stdout(chatter),
+                contextlib.redirect_stderr(chatter),
+                warnings.catch_warnings(),
+            ):
                 warnings.simplefilter("ignore")
                 tools["litert_torch"].convert(module, args).export(str(out))
         finally:
             log.debug("converter output for %s:\n%s", seg.file, chatter.getvalue())
     except Exception as exc:  # the converters raise many unrelated types
-        return Conversion(name, "failed", None, None, _first_line(exc),
-                          round(time.perf_counter() - t0, 2))
+        return Conversion(name, "failed", None, None, _first_line(exc), round(time.perf_counter() - t0, 2))
     if graph_inputs != list(seg.inputs):  # the tflite takes the graph's order; the runner, ours
-        return Conversion(name, "failed", None, None,
-                          f"ONNX input order {graph_inputs} differs from the manifest's",
-                          round(time.perf_counter() - t0, 2))
+        return Conversion(
+            name,
+            "failed",
+            None,
+            None,
+            f"ONNX input order {graph_inputs} differs from the manifest's",
+            round(time.perf_counter() - t0, 2),
+        )
     sess = make_session(bundle.path(seg.file), OrtOptions())
     try:
         it = tools["Interpreter"](model_path=str(out))
@@ -369,12 +439,14 @@ def _convert_one(tools: Mapping[str, Any], bundle: Bundle, seg: Segment,
                 diff = max(diff, float(np.max(np.abs(w.astype(np.float64) - g))))
                 scale = max(scale, float(np.max(np.abs(w))))
     except Exception as exc:  # LiteRT raises RuntimeError and ValueError alike
-        return Conversion(name, "failed", None, None, f"LiteRT run: {_first_line(exc)}",
-                          round(time.perf_counter() - t0, 2))
+        return Conversion(
+            name, "failed", None, None, f"LiteRT run: {_first_line(exc)}", round(time.perf_counter() - t0, 2)
+        )
     seconds = round(time.perf_counter() - t0, 2)
     if not math.isfinite(diff) or diff > tolerance * max(1.0, scale):
-        return Conversion(name, "drift", diff, scale,
-                          f"max |Δ| {diff:.3g} > {tolerance:g} × {max(1.0, scale):.3g}", seconds)
+        return Conversion(
+            name, "drift", diff, scale, f"max |Δ| {diff:.3g} > {tolerance:g} × {max(1.0, scale):.3g}", seconds
+        )
     return Conversion(name, "ok", diff, scale, "", seconds)
 
 
@@ -382,8 +454,10 @@ def _run_positional(it: Any, seg: Segment, feed: Mapping[str, np.ndarray]) -> li
     """Exactly as `edgecut.edge.runner.LiteRtRunner` does: tensors matched by position."""
     inputs, outputs = it.get_input_details(), it.get_output_details()
     if len(inputs) != len(seg.inputs) or len(outputs) != len(seg.outputs):
-        raise ValueError(f"{len(inputs)} inputs / {len(outputs)} outputs, the manifest has "
-                         f"{len(seg.inputs)} / {len(seg.outputs)}")
+        raise ValueError(
+            f"{len(inputs)} inputs / {len(outputs)} outputs, the manifest has "
+            f"{len(seg.inputs)} / {len(seg.outputs)}"
+        )
     for detail, name in zip(inputs, seg.inputs, strict=True):
         it.set_tensor(detail["index"], np.ascontiguousarray(feed[name][:1], detail["dtype"]))
     it.invoke()

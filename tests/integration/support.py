@@ -113,9 +113,18 @@ class EdgeClient:
         """The unsplit model's output, for comparison."""
         return self.frontier(image, "output")[self.manifest.outputs[0].name]
 
-    def request(self, feeds: dict[str, np.ndarray], cut: str, *, spec: codec.CodecSpec = EXACT,
-                request_id: str | None = None, deadline_ms: int = 0, payload: bytes | None = None,
-                public: ServicePublicKey | None = None, **head: Any) -> Pending:
+    def request(
+        self,
+        feeds: dict[str, np.ndarray],
+        cut: str,
+        *,
+        spec: codec.CodecSpec = EXACT,
+        request_id: str | None = None,
+        deadline_ms: int = 0,
+        payload: bytes | None = None,
+        public: ServicePublicKey | None = None,
+        **head: Any,
+    ) -> Pending:
         """Frames for one request; `head` overrides model/version in the frame and the seal."""
         m = self.manifest
         fields = {"model": m.model, "version": m.version, "cut": cut, **head}
@@ -125,8 +134,14 @@ class EdgeClient:
         if payload is None:
             payload = codec.encode(feeds, specs, spec, image_norm=norm)
         sealed, response_key = sealing.seal_request(public or self.public, binding, payload)
-        rhead = framing.RequestHead(binding.request_id, binding.model, binding.version, binding.cut,
-                                    deadline_ms, time.time_ns() // 1_000_000)
+        rhead = framing.RequestHead(
+            binding.request_id,
+            binding.model,
+            binding.version,
+            binding.cut,
+            deadline_ms,
+            time.time_ns() // 1_000_000,
+        )
         return Pending(framing.split(rhead, sealed), binding, response_key)
 
     def result(self, answer: pb.Answer, pending: Pending) -> dict[str, np.ndarray]:

@@ -17,9 +17,9 @@ import pytest
 
 from edgecut.bundle import load_bundle
 from edgecut.edge.agent import Input, Result, image_input
-from edgecut.edge.cli import EdgeConfig, start_agent
 from edgecut.edge.profiler import profile_bundle
 from edgecut.edge.runner import OrtRunner
+from edgecut.edge.startup import EdgeConfig, start_agent
 from edgecut.images import sample_photos
 from edgecut.keys import KeyPaths
 from edgecut.netem import LinkConfig, ThreadedLinkEmulator
@@ -32,8 +32,9 @@ FAST, SLOW = LinkConfig.parse("100mbit", "10ms"), LinkConfig.parse("1mbit", "10m
 @pytest.fixture(scope="module")
 def pi_profile(effl0_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     bundle = load_bundle(effl0_bundle)
-    here = profile_bundle(bundle, OrtRunner(bundle, OrtOptions(threads=1)), runtime="ort",
-                          threads=1, runs=3, codecs=())
+    here = profile_bundle(
+        bundle, OrtRunner(bundle, OrtOptions(threads=1)), runtime="ort", threads=1, runs=3, codecs=()
+    )
     path = tmp_path_factory.mktemp("profiles") / "pi.json"
     save_profile(here.scaled(10.0, "slow-device", "10x one core here: a slow device"), path)
     return path
@@ -64,14 +65,22 @@ def _inputs(link: ThreadedLinkEmulator, seen: list[Result]) -> Iterator[Input]:
         yield nxt()
 
 
-def test_cut_follows_the_bandwidth(effl0_bundle: Path, keys: KeyPaths, tail_server: Any,
-                                   pi_profile: Path) -> None:
+def test_cut_follows_the_bandwidth(
+    effl0_bundle: Path, keys: KeyPaths, tail_server: Any, pi_profile: Path
+) -> None:
     seen: list[Result] = []
     with tail_server(max_queue_delay_ms=0) as server:
         link = ThreadedLinkEmulator(("127.0.0.1", server.port), FAST)
         with link as (host, port):
-            config = EdgeConfig(effl0_bundle, f"{host}:{port}", keys.service_pub, cut="auto",
-                                in_flight=1, edge_profile=pi_profile, deadline_ms=10_000)
+            config = EdgeConfig(
+                effl0_bundle,
+                f"{host}:{port}",
+                keys.service_pub,
+                cut="auto",
+                in_flight=1,
+                edge_profile=pi_profile,
+                deadline_ms=10_000,
+            )
             with start_agent(config) as agent:
                 agent.run(_inputs(link, seen), seen.append)
     cuts = [r.cut for r in seen]
@@ -81,4 +90,3 @@ def test_cut_follows_the_bandwidth(effl0_bundle: Path, keys: KeyPaths, tail_serv
     assert "output" in cuts[first_slow:], cuts  # 1 Mbit/s: run everything on the device
     back = cuts.index("output", first_slow)
     assert any(c != "output" for c in cuts[back:]), cuts  # 100 Mbit/s again: offload again
-

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
+from edgecut.apps.sweep import report
+from edgecut.apps.sweep.config import split_list
+from edgecut.apps.sweep.records import Measurement
 from edgecut.cli import main
 from edgecut.errors import UsageError
 from edgecut.keys import KeyPaths
-from edgecut.sweep import report
-from edgecut.sweep.config import split_list
-from edgecut.sweep.records import Measurement
 
 OUTPUTS = ("results.csv", "results.json", "breakdown.png", "bytes.png", "latency_vs_bandwidth.png")
 
@@ -30,8 +30,25 @@ OUTPUTS = ("results.csv", "results.json", "breakdown.png", "bytes.png", "latency
 @pytest.fixture(scope="module")
 def edge_profile(effl0_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("profiles") / "here-1t.json"
-    assert main(["profile", str(effl0_bundle), "--out", str(path), "--runs", "3", "--threads", "1",
-                 "--codecs", "int8,int4,jpeg90", "--device", "here-1t"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                str(effl0_bundle),
+                "--out",
+                str(path),
+                "--runs",
+                "3",
+                "--threads",
+                "1",
+                "--codecs",
+                "int8,int4,jpeg90",
+                "--device",
+                "here-1t",
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -48,17 +65,35 @@ def check_outputs(out: Path) -> dict[str, Any]:
     for png in OUTPUTS[2:]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
-    assert {"mode", "machine", "edge_ms", "wire_ms", "server_compute_ms", "bytes_up",
-            "top1", "top1_reference", "predicted_ms"} <= set(header)
+    assert {
+        "mode",
+        "machine",
+        "edge_ms",
+        "wire_ms",
+        "server_compute_ms",
+        "bytes_up",
+        "top1",
+        "top1_reference",
+        "predicted_ms",
+    } <= set(header)
     doc: dict[str, Any] = json.loads((out / "results.json").read_text())
     assert doc["run"]["command"].startswith("edgecut bench sweep ")
     return doc
 
 
-def test_quick_sweep_end_to_end(capsys: pytest.CaptureFixture[str], effl0_bundle: Path,
-                                edge_profile: Path, tmp_path: Path) -> None:
-    code, out, _ = sweep(capsys, str(effl0_bundle), "--edge-profile", str(edge_profile),
-                         "--quick", "--out", str(tmp_path), "--json")
+def test_quick_sweep_end_to_end(
+    capsys: pytest.CaptureFixture[str], effl0_bundle: Path, edge_profile: Path, tmp_path: Path
+) -> None:
+    code, out, _ = sweep(
+        capsys,
+        str(effl0_bundle),
+        "--edge-profile",
+        str(edge_profile),
+        "--quick",
+        "--out",
+        str(tmp_path),
+        "--json",
+    )
     assert code == 0
     printed = json.loads(out)
     doc = check_outputs(tmp_path)
@@ -79,14 +114,31 @@ def test_quick_sweep_end_to_end(capsys: pytest.CaptureFixture[str], effl0_bundle
     assert doc["summary"]["totals"]["failed_requests"] == 0
 
 
-def test_paced_sweep_against_a_given_cloud(capsys: pytest.CaptureFixture[str], tail_server: Any,
-                                           keys: KeyPaths, bundles_dir: Path, edge_profile: Path,
-                                           tmp_path: Path) -> None:
+def test_paced_sweep_against_a_given_cloud(
+    capsys: pytest.CaptureFixture[str],
+    tail_server: Any,
+    keys: KeyPaths,
+    bundles_dir: Path,
+    edge_profile: Path,
+    tmp_path: Path,
+) -> None:
     with tail_server(max_queue_delay_ms=0) as handle:
-        code, _, _ = sweep(capsys, str(bundles_dir / "effl0"), "--edge-profile", str(edge_profile),
-                           "--pace", "--cloud", f"127.0.0.1:{handle.port}", "--server-key",
-                           str(keys.service_pub), "--quick", "--cuts", "c05", "--out",
-                           str(tmp_path))
+        code, _, _ = sweep(
+            capsys,
+            str(bundles_dir / "effl0"),
+            "--edge-profile",
+            str(edge_profile),
+            "--pace",
+            "--cloud",
+            f"127.0.0.1:{handle.port}",
+            "--server-key",
+            str(keys.service_pub),
+            "--quick",
+            "--cuts",
+            "c05",
+            "--out",
+            str(tmp_path),
+        )
     assert code == 0
     doc = check_outputs(tmp_path)
     assert {r["mode"] for r in doc["measurements"]} == {"paced:here-1t"}
@@ -101,8 +153,9 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def bad_inputs(effl0_bundle: Path, edge_profile: Path, keys: KeyPaths,
-               tmp_path: Path) -> dict[str, tuple[list[str], int, str]]:
+def bad_inputs(
+    effl0_bundle: Path, edge_profile: Path, keys: KeyPaths, tmp_path: Path
+) -> dict[str, tuple[list[str], int, str]]:
     """name → (arguments, exit code, a phrase the one error line must contain)."""
     bare = tmp_path / "bare"
     shutil.copytree(effl0_bundle, bare)
@@ -111,12 +164,14 @@ def bad_inputs(effl0_bundle: Path, edge_profile: Path, keys: KeyPaths,
     b, p = str(effl0_bundle), ["--edge-profile", str(edge_profile)]
     out = ["--out", str(tmp_path / "out"), "--quick"]
     return {
-        "unreachable cloud": ([b, *p, "--cloud", f"127.0.0.1:{free_port()}", "--server-key",
-                               str(keys.service_pub), *out], 1, "unreachable"),
+        "unreachable cloud": (
+            [b, *p, "--cloud", f"127.0.0.1:{free_port()}", "--server-key", str(keys.service_pub), *out],
+            1,
+            "unreachable",
+        ),
         "cloud without key": ([b, *p, "--cloud", "127.0.0.1:1", *out], 2, "--server-key"),
         "bundle without profiles": ([str(bare), *out], 1, "ships no profiles"),
-        "missing profile file": ([b, "--edge-profile", str(tmp_path / "nope.json"), *out], 1,
-                                 "not found"),
+        "missing profile file": ([b, "--edge-profile", str(tmp_path / "nope.json"), *out], 1, "not found"),
         "bad bandwidth": ([b, *p, *out, "--bandwidth", "8mbps"], 2, "kbit, mbit"),
         "empty images dir": ([b, *p, *out, "--images", str(tmp_path / "empty")], 2, "no images"),
         "unknown cut": ([b, *p, *out, "--cuts", "c99"], 1, "c99"),
@@ -124,12 +179,22 @@ def bad_inputs(effl0_bundle: Path, edge_profile: Path, keys: KeyPaths,
     }
 
 
-@pytest.mark.parametrize("case", ["unreachable cloud", "cloud without key",
-                                  "bundle without profiles", "missing profile file",
-                                  "bad bandwidth", "empty images dir", "unknown cut",
-                                  "jpeg at an inner cut"])
-def test_bad_input_is_one_clear_line(case: str, bad_inputs: dict[str, tuple[list[str], int, str]],
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unreachable cloud",
+        "cloud without key",
+        "bundle without profiles",
+        "missing profile file",
+        "bad bandwidth",
+        "empty images dir",
+        "unknown cut",
+        "jpeg at an inner cut",
+    ],
+)
+def test_bad_input_is_one_clear_line(
+    case: str, bad_inputs: dict[str, tuple[list[str], int, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
     args, expected_code, phrase = bad_inputs[case]
     code, out, err = sweep(capsys, *args)
     assert code == expected_code
@@ -150,18 +215,43 @@ def test_lists_share_a_trailing_unit() -> None:
 
 def row(cut: str, codec: str, role: str, total: float, **kw: Any) -> Measurement:
     base: dict[str, Any] = dict(
-        bandwidth="8mbit", bandwidth_bps=8e6, rtt_ms=10.0, role=role, cut=cut, codec=codec,
-        request=0, input="x", where="cloud" if cut != "output" else "local", mode="live",
-        machine="m", at="t", edge_ms=1.0, encode_ms=1.0, wire_ms=0.0, server_queue_ms=0.0,
-        server_decode_ms=0.0, server_compute_ms=1.0, server_encode_ms=0.0, decode_ms=0.0,
-        total_ms=total, bytes_up=1000, bytes_down=0, top1=1, top1_reference=1,
-        predicted_ms=total)
+        bandwidth="8mbit",
+        bandwidth_bps=8e6,
+        rtt_ms=10.0,
+        role=role,
+        cut=cut,
+        codec=codec,
+        request=0,
+        input="x",
+        where="cloud" if cut != "output" else "local",
+        mode="live",
+        machine="m",
+        at="t",
+        edge_ms=1.0,
+        encode_ms=1.0,
+        wire_ms=0.0,
+        server_queue_ms=0.0,
+        server_decode_ms=0.0,
+        server_compute_ms=1.0,
+        server_encode_ms=0.0,
+        decode_ms=0.0,
+        total_ms=total,
+        bytes_up=1000,
+        bytes_down=0,
+        top1=1,
+        top1_reference=1,
+        predicted_ms=total,
+    )
     return Measurement(**{**base, **kw})
 
 
 def test_report_figures_compare_auto_with_other_runs() -> None:
-    rows = [row("input", "jpeg90", "grid", 40.0), row("c05", "int8", "grid", 20.0),
-            row("output", "none", "grid", 30.0, bytes_up=0), row("c05", "int8", "auto", 21.0)]
+    rows = [
+        row("input", "jpeg90", "grid", 40.0),
+        row("c05", "int8", "grid", 20.0),
+        row("output", "none", "grid", 30.0, bytes_up=0),
+        row("c05", "int8", "auto", 21.0),
+    ]
     cells = report.cell_stats(rows)
     (s,) = report.link_summaries(rows, cells)
     assert s.oracle.cell.cut == "c05" and s.oracle.cell.role == "grid"

@@ -65,16 +65,20 @@ def recomputed(effl0_bundle: Path) -> dict[tuple[str, str], Measured]:
         calibration = Calibration.from_json(m.calibration[cut.id])
         for codec in (*INT8, "int4-channel"):
             _, decoded = round_trip(m, cut.id, frontier, CodecSpec.parse(codec), calibration)
-            logits = run_chain(chains[cut.depth:], decoded, m.batchable)[m.outputs[0].name]
+            logits = run_chain(chains[cut.depth :], decoded, m.batchable)[m.outputs[0].name]
             flipped = logits.argmax(1) != reference.argmax(1)
             out[cut.id, codec] = Measured(1 - flipped.mean(), tuple(margin[flipped].round(4)))
     return out
 
 
-def _below(measured: dict[tuple[str, str], Measured], codecs: tuple[str, ...],
-           threshold: float) -> dict[str, float]:
-    return {f"{cut}/{codec}": round(v.agreement, 4) for (cut, codec), v in measured.items()
-            if codec in codecs and v.agreement < threshold}
+def _below(
+    measured: dict[tuple[str, str], Measured], codecs: tuple[str, ...], threshold: float
+) -> dict[str, float]:
+    return {
+        f"{cut}/{codec}": round(v.agreement, 4)
+        for (cut, codec), v in measured.items()
+        if codec in codecs and v.agreement < threshold
+    }
 
 
 def test_fixture_bundle_has_calibration_and_fidelity_for_every_cut(effl0_bundle: Path) -> None:
@@ -101,12 +105,15 @@ def test_int8_agreement_at_least_99_5_percent(recomputed: dict[tuple[str, str], 
     assert _below(recomputed, INT8, 0.995) == {}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 3 target not met: int4 per-channel top-1 agreement measured 79.7 % (c01) to 96.9 % "
-    "(c07, c12) on 64 held-out crops, 81.2 % at input; 16 levels over one calibrated range per "
-    "channel is too coarse for EfficientNet-Lite0"))
-def test_int4_channel_agreement_at_least_98_percent(
-        recomputed: dict[tuple[str, str], Measured]) -> None:
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "issue 3 target not met: int4 per-channel top-1 agreement measured 79.7 % (c01) to 96.9 % "
+        "(c07, c12) on 64 held-out crops, 81.2 % at input; 16 levels over one calibrated range per "
+        "channel is too coarse for EfficientNet-Lite0"
+    ),
+)
+def test_int4_channel_agreement_at_least_98_percent(recomputed: dict[tuple[str, str], Measured]) -> None:
     assert _below(recomputed, ("int4-channel",), 0.98) == {}
 
 
@@ -124,13 +131,18 @@ def photo_dir(tmp_path: Path) -> Iterator[Path]:
     yield folder
 
 
-def test_directory_source_calibrates_and_signs(bundle_copy: Path, photo_dir: Path,
-                                               tmp_path: Path) -> None:
+def test_directory_source_calibrates_and_signs(bundle_copy: Path, photo_dir: Path, tmp_path: Path) -> None:
     keys = generate_keys(tmp_path / "keys")
     before = load_bundle(bundle_copy).manifest.files
-    bundle = calibrate_bundle(load_bundle(bundle_copy), str(photo_dir),
-                              signing_key=load_signing_private(keys.signing_key),
-                              codecs=("int8-tensor",), calib_count=4, heldout_count=2, seed=3)
+    bundle = calibrate_bundle(
+        load_bundle(bundle_copy),
+        str(photo_dir),
+        signing_key=load_signing_private(keys.signing_key),
+        codecs=("int8-tensor",),
+        calib_count=4,
+        heldout_count=2,
+        seed=3,
+    )
     signed = load_bundle(bundle_copy, public_key=load_signing_public(keys.signing_pub))
     assert signed.signed and signed.manifest == bundle.manifest
     assert bundle.manifest.files == before
@@ -147,8 +159,9 @@ def test_directory_of_four_or_more_images_is_split(effl0_bundle: Path, photo_dir
 
 
 @pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: None], ids=["empty", "missing"])
-def test_empty_or_missing_directory_is_a_usage_error(effl0_bundle: Path, tmp_path: Path,
-                                                     make: object) -> None:
+def test_empty_or_missing_directory_is_a_usage_error(
+    effl0_bundle: Path, tmp_path: Path, make: object
+) -> None:
     folder = tmp_path / "nothing"
     make(folder)  # type: ignore[operator]
     with pytest.raises(UsageError, match="images directory"):
@@ -162,8 +175,9 @@ def test_tensor_models_are_refused(effl0_bundle: Path) -> None:
         photo_sets("builtin", tensors)
 
 
-def test_inspect_shows_fidelity_table_and_json(effl0_bundle: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_shows_fidelity_table_and_json(
+    effl0_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["inspect", str(effl0_bundle), "--fidelity"]) == 0
     table = capsys.readouterr().out
     assert "codec fidelity on held-out photos" in table and "int4-channel-z3" in table

@@ -64,9 +64,10 @@ def queued(h: ServerHandle) -> int:
 
 # 1. Reloading an identical bundle must not stop the queue its new entry shares.
 
-def test_reloading_an_identical_bundle_keeps_its_queue(tail_server: Any, edge: EdgeClient,
-                                                       bundles_dir: Path, cut: str,
-                                                       feeds: dict[str, np.ndarray]) -> None:
+
+def test_reloading_an_identical_bundle_keeps_its_queue(
+    tail_server: Any, edge: EdgeClient, bundles_dir: Path, cut: str, feeds: dict[str, np.ndarray]
+) -> None:
     gated = GatedExecutor()
     gated.gate.set()
     with tail_server(executor=gated, max_batch=1, max_queue_delay_ms=0) as h, h.channel() as ch:
@@ -91,8 +92,9 @@ def test_reloading_an_identical_bundle_keeps_its_queue(tail_server: Any, edge: E
         stream.close()
 
 
-def test_a_stopped_lane_answers_what_it_held(tail_server: Any, edge: EdgeClient, cut: str,
-                                             feeds: dict[str, np.ndarray]) -> None:
+def test_a_stopped_lane_answers_what_it_held(
+    tail_server: Any, edge: EdgeClient, cut: str, feeds: dict[str, np.ndarray]
+) -> None:
     gated = GatedExecutor()
     with tail_server(executor=gated, max_batch=1, max_queue_delay_ms=0) as h, h.channel() as ch:
         stream = Stream(h.stub(ch))
@@ -110,6 +112,7 @@ def test_a_stopped_lane_answers_what_it_held(tail_server: Any, edge: EdgeClient,
 
 # 2. A bundle ONNX Runtime refuses is skipped; the others still load.
 
+
 class RefusingExecutor(GatedExecutor):
     """Warm-up fails, as ORT does for an unimplemented op or CUDA OOM, for one version."""
 
@@ -119,9 +122,9 @@ class RefusingExecutor(GatedExecutor):
         return super().warm_up(bundle, runs)
 
 
-def test_a_bundle_ort_refuses_is_skipped_and_the_rest_load(tail_server: Any, edge: EdgeClient,
-                                                           bundles_dir: Path,
-                                                           extra_dirs: list[Path]) -> None:
+def test_a_bundle_ort_refuses_is_skipped_and_the_rest_load(
+    tail_server: Any, edge: EdgeClient, bundles_dir: Path, extra_dirs: list[Path]
+) -> None:
     extra_dirs += [bundles_dir / "a-refused", bundles_dir / "zz-v4"]
     with_version(bundles_dir / "effl0", extra_dirs[0], "3")  # scanned before effl0
     with_version(bundles_dir / "effl0", extra_dirs[1], "4")
@@ -134,6 +137,7 @@ def test_a_bundle_ort_refuses_is_skipped_and_the_rest_load(tail_server: Any, edg
 
 
 # 3. Decode cost is judged by what the header promises, not by the sealed size.
+
 
 @pytest.fixture
 def decode_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -152,7 +156,8 @@ def decode_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def test_a_tiny_frame_that_decodes_large_is_decoded_off_the_loop(
-        tail_server: Any, edge: EdgeClient, decode_threads: list[int]) -> None:
+    tail_server: Any, edge: EdgeClient, decode_threads: list[int]
+) -> None:
     spec = edge.manifest.cuts[0].frontier[0]
     zeros = {spec.name: np.zeros((4, *spec.shape[1:]), spec.dtype)}  # 2.4 MB, ~1 KB packed
     pending = edge.request(zeros, "input", spec=codec.CodecSpec("none", zstd_level=1))
@@ -171,8 +176,8 @@ async def _thread_id() -> int:
 
 
 def test_a_batch_for_an_unbatchable_bundle_is_refused_before_decoding(
-        tail_server: Any, edge: EdgeClient, bundles_dir: Path, extra_dirs: list[Path],
-        decode_threads: list[int]) -> None:
+    tail_server: Any, edge: EdgeClient, bundles_dir: Path, extra_dirs: list[Path], decode_threads: list[int]
+) -> None:
     single = bundles_dir / "single"
     extra_dirs.append(single)
     with_version(bundles_dir / "effl0", single, "5")
@@ -190,6 +195,7 @@ def test_a_batch_for_an_unbatchable_bundle_is_refused_before_decoding(
 
 
 # 4. Framing: bounded bytes per stream, and partial requests that stall are dropped.
+
 
 def test_the_default_request_limit_matches_the_decoded_limit() -> None:
     assert framing.MAX_DECODED_BYTES < framing.MAX_REQUEST_BYTES <= framing.MAX_DECODED_BYTES * 1.1
@@ -221,18 +227,22 @@ def test_stalled_partial_requests_expire() -> None:
 
 # 5. A client that writes junk and never reads cannot grow the server's answer queue.
 
+
 def test_a_client_that_never_reads_is_held_back(tail_server: Any) -> None:
     sent = 5_000
     with tail_server() as h, h.channel() as ch:
         stream = Stream(h.stub(ch))
         # Each is refused (chunk 1 without chunk 0), its answer echoing the long id: 4 KB each.
-        stream.send([pb.Frame(request_id=f"{i:06d}" + "x" * 2000, chunk_index=1)
-                     for i in range(sent)])
+        stream.send([pb.Frame(request_id=f"{i:06d}" + "x" * 2000, chunk_index=1) for i in range(sent)])
         registry = h.server.ctx.metrics.registry
 
         def answered() -> float:
-            return registry.get_sample_value("edgecut_requests_total",
-                                             {"model": "unknown", "status": "INVALID_ARGUMENT"}) or 0
+            return (
+                registry.get_sample_value(
+                    "edgecut_requests_total", {"model": "unknown", "status": "INVALID_ARGUMENT"}
+                )
+                or 0
+            )
 
         settled = [-1.0]
 
@@ -248,13 +258,23 @@ def test_a_client_that_never_reads_is_held_back(tail_server: Any) -> None:
 
 # 6. Deadlines are a budget from sent_at_ms, so the edge's clock may be off.
 
-@pytest.mark.parametrize("skew_ms, budget_ms, expected", [
-    (-10_000, 5_000, "OK"),  # edge clock 10 s behind: its absolute deadline has "passed"
-    (10_000, -1, "DEADLINE_EXCEEDED"),  # edge clock ahead: its deadline looks far away
-])
-def test_deadlines_survive_clock_skew(tail_server: Any, edge: EdgeClient, cut: str,
-                                      feeds: dict[str, np.ndarray], skew_ms: int, budget_ms: int,
-                                      expected: str) -> None:
+
+@pytest.mark.parametrize(
+    "skew_ms, budget_ms, expected",
+    [
+        (-10_000, 5_000, "OK"),  # edge clock 10 s behind: its absolute deadline has "passed"
+        (10_000, -1, "DEADLINE_EXCEEDED"),  # edge clock ahead: its deadline looks far away
+    ],
+)
+def test_deadlines_survive_clock_skew(
+    tail_server: Any,
+    edge: EdgeClient,
+    cut: str,
+    feeds: dict[str, np.ndarray],
+    skew_ms: int,
+    budget_ms: int,
+    expected: str,
+) -> None:
     pending = edge.request(feeds, cut)
     head = pending.frames[0]
     head.sent_at_ms = now_ms() + skew_ms
@@ -268,9 +288,14 @@ def test_deadlines_survive_clock_skew(tail_server: Any, edge: EdgeClient, cut: s
 
 # 7. An idle server reports no queue delay, whatever its last burst was.
 
-def test_queue_delay_estimate_decays_when_idle(tail_server: Any, edge: EdgeClient, cut: str,
-                                               feeds: dict[str, np.ndarray],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_queue_delay_estimate_decays_when_idle(
+    tail_server: Any,
+    edge: EdgeClient,
+    cut: str,
+    feeds: dict[str, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(batcher, "IDLE_HALF_LIFE_S", 0.05)
     gated = GatedExecutor()
     with tail_server(executor=gated, max_batch=1, max_queue_delay_ms=0) as h, h.channel() as ch:

@@ -77,23 +77,26 @@ def cuts(edge: EdgeClient) -> list[str]:
     return [ids[0], ids[len(ids) // 3], ids[2 * len(ids) // 3], ids[-2], ids[-1]]
 
 
-def infer_one(stream: Stream, edge: EdgeClient, feeds: dict[str, np.ndarray], cut: str,
-              **kwargs: Any) -> pb.Answer:
+def infer_one(
+    stream: Stream, edge: EdgeClient, feeds: dict[str, np.ndarray], cut: str, **kwargs: Any
+) -> pb.Answer:
     pending = edge.request(feeds, cut, **kwargs)
     stream.send(pending)
     return stream.recv(pending.binding.request_id)
 
 
-def logits_of(edge: EdgeClient, stream: Stream, feeds: dict[str, np.ndarray], cut: str,
-              **kwargs: Any) -> np.ndarray:
+def logits_of(
+    edge: EdgeClient, stream: Stream, feeds: dict[str, np.ndarray], cut: str, **kwargs: Any
+) -> np.ndarray:
     pending = edge.request(feeds, cut, **kwargs)
     stream.send(pending)
     answer = stream.recv(pending.binding.request_id)
     return edge.result(answer, pending)[edge.manifest.outputs[0].name]
 
 
-def test_split_results_match_the_unsplit_model(tail_server: Any, edge: EdgeClient,
-                                               photos: list[np.ndarray], cuts: list[str]) -> None:
+def test_split_results_match_the_unsplit_model(
+    tail_server: Any, edge: EdgeClient, photos: list[np.ndarray], cuts: list[str]
+) -> None:
     with tail_server() as h, h.channel() as ch:
         stream = Stream(h.stub(ch))
         for image in photos[:2]:
@@ -101,17 +104,33 @@ def test_split_results_match_the_unsplit_model(tail_server: Any, edge: EdgeClien
             for cut in cuts:
                 got = logits_of(edge, stream, edge.frontier(image, cut), cut)
                 np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"cut {cut}")
-            quantized = logits_of(edge, stream, edge.frontier(image, cuts[2]), cuts[2],
-                                  spec=codec.CodecSpec("int8", "channel", 3))
+            quantized = logits_of(
+                edge,
+                stream,
+                edge.frontier(image, cuts[2]),
+                cuts[2],
+                spec=codec.CodecSpec("int8", "channel", 3),
+            )
             assert quantized.argmax() == want.argmax()
-            jpeg = logits_of(edge, stream, edge.frontier(image, cuts[0]), cuts[0],
-                             spec=codec.CodecSpec("jpeg", jpeg_quality=90))
+            jpeg = logits_of(
+                edge,
+                stream,
+                edge.frontier(image, cuts[0]),
+                cuts[0],
+                spec=codec.CodecSpec("jpeg", jpeg_quality=90),
+            )
             assert jpeg.argmax() == want.argmax()
         assert stream.close() == []
 
 
-def run_clients(h: ServerHandle, edge: EdgeClient, feeds: list[dict[str, np.ndarray]], cut: str,
-                streams: int = 8, per_stream: int = 4) -> tuple[list[np.ndarray], list[int]]:
+def run_clients(
+    h: ServerHandle,
+    edge: EdgeClient,
+    feeds: list[dict[str, np.ndarray]],
+    cut: str,
+    streams: int = 8,
+    per_stream: int = 4,
+) -> tuple[list[np.ndarray], list[int]]:
     """`streams` concurrent streams, each with `per_stream` requests in flight at once."""
 
     def one_stream(s: int) -> list[tuple[int, np.ndarray, int]]:
@@ -136,16 +155,18 @@ def run_clients(h: ServerHandle, edge: EdgeClient, feeds: list[dict[str, np.ndar
     return [r[1] for r in rows], [r[2] for r in rows]
 
 
-def test_concurrent_streams_batched_equal_unbatched(tail_server: Any, edge: EdgeClient,
-                                                    photos: list[np.ndarray], cuts: list[str]) -> None:
+def test_concurrent_streams_batched_equal_unbatched(
+    tail_server: Any, edge: EdgeClient, photos: list[np.ndarray], cuts: list[str]
+) -> None:
     cut = cuts[2]
     feeds = [edge.frontier(image, cut) for image in photos]
     with tail_server(max_batch=8, max_queue_delay_ms=20) as h:
         batched, sizes = run_clients(h, edge, feeds, cut)
         metrics = h.server.ctx.metrics.registry
         mode = "batched" if edge.manifest.batchable else "sequential"
-        batches = metrics.get_sample_value("edgecut_batch_size_count",
-                                           {"model": edge.manifest.model, "mode": mode})
+        batches = metrics.get_sample_value(
+            "edgecut_batch_size_count", {"model": edge.manifest.model, "mode": mode}
+        )
     with tail_server(max_batch=1, max_queue_delay_ms=0) as h:
         single, single_sizes = run_clients(h, edge, feeds, cut)
     assert len(batched) == len(single) == 32
@@ -155,17 +176,25 @@ def test_concurrent_streams_batched_equal_unbatched(tail_server: Any, edge: Edge
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_every_bad_input_fails_only_its_request(tail_server: Any, edge: EdgeClient,
-                                                photos: list[np.ndarray], cuts: list[str],
-                                                tmp_path: Path) -> None:
+def test_every_bad_input_fails_only_its_request(
+    tail_server: Any, edge: EdgeClient, photos: list[np.ndarray], cuts: list[str], tmp_path: Path
+) -> None:
     cut, other = cuts[2], cuts[1]
     feeds = edge.frontier(photos[0], cut)
     other_key = load_service_public(generate_keys(tmp_path / "other").service_pub)
     replayed = edge.request(feeds, cut)
     tampered = edge.request(feeds, cut)
     tampered.frames[0].sealed = bytes([tampered.frames[0].sealed[0] ^ 1]) + tampered.frames[0].sealed[1:]
-    oversized = pb.Frame(request_id="huge", model=edge.manifest.model, version=edge.manifest.version,
-                         cut=cut, chunk_index=0, chunk_count=2, total_bytes=1 << 40, sealed=b"x")
+    oversized = pb.Frame(
+        request_id="huge",
+        model=edge.manifest.model,
+        version=edge.manifest.version,
+        cut=cut,
+        chunk_index=0,
+        chunk_count=2,
+        total_bytes=1 << 40,
+        sealed=b"x",
+    )
     cases: list[tuple[str, Any]] = [
         ("NOT_FOUND", edge.request(feeds, cut, model="no-such-model")),
         ("NOT_FOUND", edge.request(feeds, cut, version="99")),
@@ -191,12 +220,14 @@ def test_every_bad_input_fails_only_its_request(tail_server: Any, edge: EdgeClie
             assert good.code == OK, f"after {expected}: {good.message}"
         assert stream.close() == []
         requests = h.server.ctx.metrics.registry.get_sample_value(
-            "edgecut_requests_total", {"model": "unknown", "status": "NOT_FOUND"})
+            "edgecut_requests_total", {"model": "unknown", "status": "NOT_FOUND"}
+        )
         assert requests == 1
 
 
-def test_unknown_names_are_listed_in_the_error(tail_server: Any, edge: EdgeClient,
-                                               photos: list[np.ndarray], cuts: list[str]) -> None:
+def test_unknown_names_are_listed_in_the_error(
+    tail_server: Any, edge: EdgeClient, photos: list[np.ndarray], cuts: list[str]
+) -> None:
     feeds = edge.frontier(photos[0], cuts[2])
     with tail_server() as h, h.channel() as ch:
         stream = Stream(h.stub(ch))
@@ -206,12 +237,12 @@ def test_unknown_names_are_listed_in_the_error(tail_server: Any, edge: EdgeClien
 
 
 def test_full_queue_is_refused_fast_and_expired_work_is_not_computed(
-        tail_server: Any, edge: EdgeClient, photos: list[np.ndarray], cuts: list[str]) -> None:
+    tail_server: Any, edge: EdgeClient, photos: list[np.ndarray], cuts: list[str]
+) -> None:
     cut = cuts[2]
     feeds = edge.frontier(photos[0], cut)
     gated = GatedExecutor()
-    with tail_server(executor=gated, max_batch=1, max_queue=1, max_queue_delay_ms=0) as h, \
-            h.channel() as ch:
+    with tail_server(executor=gated, max_batch=1, max_queue=1, max_queue_delay_ms=0) as h, h.channel() as ch:
         stream = Stream(h.stub(ch))
         first = edge.request(feeds, cut)
         stream.send(first)
@@ -241,8 +272,9 @@ def _queued(h: ServerHandle) -> int:
     return int(h.call(count()))
 
 
-def test_device_tokens(tail_server: Any, edge: EdgeClient, photos: list[np.ndarray],
-                       cuts: list[str], tmp_path: Path) -> None:
+def test_device_tokens(
+    tail_server: Any, edge: EdgeClient, photos: list[np.ndarray], cuts: list[str], tmp_path: Path
+) -> None:
     tokens = tmp_path / "tokens.txt"
     tokens.write_text(f"# token device models\ntok-a cam-1\ntok-b cam-2 other-model,{edge.manifest.model}x\n")
     feeds = edge.frontier(photos[0], cuts[2])
@@ -262,8 +294,9 @@ def test_device_tokens(tail_server: Any, edge: EdgeClient, photos: list[np.ndarr
         allowed.close()
 
 
-def test_health_reflection_server_info_probe_metrics(tail_server: Any, edge: EdgeClient,
-                                                     keys: KeyPaths) -> None:
+def test_health_reflection_server_info_probe_metrics(
+    tail_server: Any, edge: EdgeClient, keys: KeyPaths
+) -> None:
     model = edge.manifest.model
     with tail_server(metrics_port=0) as h, h.channel() as ch:
         health = health_pb2_grpc.HealthStub(ch)
@@ -271,7 +304,8 @@ def test_health_reflection_server_info_probe_metrics(tail_server: Any, edge: Edg
             reply = health.Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         listed = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
         names = {s.name for s in next(listed).list_services_response.service}
         assert {"edgecut.v1.TailService", "grpc.health.v1.Health"} <= names
 
@@ -295,8 +329,9 @@ def test_health_reflection_server_info_probe_metrics(tail_server: Any, edge: Edg
         assert b"# TYPE edgecut_queue_seconds histogram" in text
 
 
-def test_hot_add_and_remove_a_version(tail_server: Any, edge: EdgeClient, bundles_dir: Path,
-                                      photos: list[np.ndarray], cuts: list[str]) -> None:
+def test_hot_add_and_remove_a_version(
+    tail_server: Any, edge: EdgeClient, bundles_dir: Path, photos: list[np.ndarray], cuts: list[str]
+) -> None:
     cut = cuts[2]
     feeds = edge.frontier(photos[0], cut)
     gated = GatedExecutor()
@@ -327,8 +362,9 @@ def test_hot_add_and_remove_a_version(tail_server: Any, edge: EdgeClient, bundle
         shutil.rmtree(v2, ignore_errors=True)
 
 
-def test_a_bundle_that_fails_to_verify_is_skipped(tail_server: Any, edge: EdgeClient,
-                                                  bundles_dir: Path) -> None:
+def test_a_bundle_that_fails_to_verify_is_skipped(
+    tail_server: Any, edge: EdgeClient, bundles_dir: Path
+) -> None:
     broken = bundles_dir / "broken"
     try:
         with_version(bundles_dir / "effl0", broken, "3")
@@ -341,8 +377,9 @@ def test_a_bundle_that_fails_to_verify_is_skipped(tail_server: Any, edge: EdgeCl
         shutil.rmtree(broken, ignore_errors=True)
 
 
-def test_a_vanishing_client_leaks_nothing(tail_server: Any, edge: EdgeClient,
-                                          photos: list[np.ndarray], cuts: list[str]) -> None:
+def test_a_vanishing_client_leaks_nothing(
+    tail_server: Any, edge: EdgeClient, photos: list[np.ndarray], cuts: list[str]
+) -> None:
     cut = cuts[2]
     feeds = edge.frontier(photos[0], cut)
     gated = GatedExecutor()
@@ -355,9 +392,19 @@ def test_a_vanishing_client_leaks_nothing(tail_server: Any, edge: EdgeClient,
         stream = Stream(h.stub(ch))
         stream.send(edge.request(feeds, cut))
         partial = edge.request(feeds, cut)
-        stream.send([partial.frames[0].__class__(request_id="partial", model=edge.manifest.model,
-                                                  cut=cut, chunk_index=0, chunk_count=3,
-                                                  total_bytes=300, sealed=b"x" * 100)])
+        stream.send(
+            [
+                partial.frames[0].__class__(
+                    request_id="partial",
+                    model=edge.manifest.model,
+                    cut=cut,
+                    chunk_index=0,
+                    chunk_count=3,
+                    total_bytes=300,
+                    sealed=b"x" * 100,
+                )
+            ]
+        )
         assert gated.entered.wait(10)
         stream.cancel()
         wait_for(lambda: h.call(tasks()) <= baseline + 1)  # + the lane's idle batch worker
@@ -369,11 +416,28 @@ def test_a_vanishing_client_leaks_nothing(tail_server: Any, edge: EdgeClient,
         assert gated.runs == 2  # the vanished request was computed (already running), not answered
 
 
-def test_sigterm_drains_in_flight_requests(bundles_dir: Path, keys: KeyPaths, edge: EdgeClient,
-                                           photos: list[np.ndarray], cuts: list[str]) -> None:
-    cmd = [sys.executable, "-m", "edgecut.cli", "cloud", "serve", "--bundles", str(bundles_dir),
-           "--key", str(keys.service_key), "--port", "0", "--threads", "1",
-           "--poll-interval-s", "0", "--max-batch", "1"]
+def test_sigterm_drains_in_flight_requests(
+    bundles_dir: Path, keys: KeyPaths, edge: EdgeClient, photos: list[np.ndarray], cuts: list[str]
+) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgecut.cli",
+        "cloud",
+        "serve",
+        "--bundles",
+        str(bundles_dir),
+        "--key",
+        str(keys.service_key),
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--poll-interval-s",
+        "0",
+        "--max-batch",
+        "1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

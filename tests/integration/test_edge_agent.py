@@ -26,8 +26,9 @@ from PIL import Image
 from edgecut.bundle import load_bundle, write_manifest
 from edgecut.cli import main
 from edgecut.edge.agent import Input, Result, image_input
-from edgecut.edge.cli import EdgeConfig, open_source, start_agent
+from edgecut.edge.cli import open_source
 from edgecut.edge.runner import OrtRunner
+from edgecut.edge.startup import EdgeConfig, start_agent
 from edgecut.errors import NotFoundError, SealError, UnavailableError
 from edgecut.images import prepare, sample_photos
 from edgecut.keys import KeyPaths, generate_keys
@@ -40,8 +41,12 @@ def augmented_photos() -> list[tuple[str, np.ndarray]]:
     out = []
     for name, im in sample_photos():
         h, w = im.shape[:2]
-        views = {"": im, "+flip": im[:, ::-1], "+crop": im[h // 8: h - h // 8, w // 8: w - w // 8],
-                 "+rot90": np.rot90(im)}
+        views = {
+            "": im,
+            "+flip": im[:, ::-1],
+            "+crop": im[h // 8 : h - h // 8, w // 8 : w - w // 8],
+            "+rot90": np.rot90(im),
+        }
         out += [(name + tag, np.ascontiguousarray(v)) for tag, v in views.items()]
     return out
 
@@ -81,8 +86,7 @@ def run_agent(config: EdgeConfig, items: list[Input], on_result: Any = None) -> 
 
 
 def config(bundle: Path, port: int, keys: KeyPaths, **kw: Any) -> EdgeConfig:
-    return EdgeConfig(bundle=bundle, server=f"127.0.0.1:{port}", server_key=keys.service_pub,
-                      threads=1, **kw)
+    return EdgeConfig(bundle=bundle, server=f"127.0.0.1:{port}", server_key=keys.service_pub, threads=1, **kw)
 
 
 def exactly_once(results: list[Result], n: int) -> None:
@@ -98,14 +102,20 @@ def free_port() -> int:
 # ---------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize(("cut", "codec"), [("input", "fp16"), ("c01", "int8"), ("c06", "int8"),
-                                            ("c11", "int8")])
-def test_split_matches_unsplit_top1(effl0_bundle: Path, keys: KeyPaths, tail_server: Any,
-                                    photos: list, reference: list[int], cut: str,
-                                    codec: str) -> None:
+@pytest.mark.parametrize(
+    ("cut", "codec"), [("input", "fp16"), ("c01", "int8"), ("c06", "int8"), ("c11", "int8")]
+)
+def test_split_matches_unsplit_top1(
+    effl0_bundle: Path,
+    keys: KeyPaths,
+    tail_server: Any,
+    photos: list,
+    reference: list[int],
+    cut: str,
+    codec: str,
+) -> None:
     with tail_server() as server:
-        results = run_agent(config(effl0_bundle, server.port, keys, cut=cut, codec=codec),
-                            inputs(photos))
+        results = run_agent(config(effl0_bundle, server.port, keys, cut=cut, codec=codec), inputs(photos))
     exactly_once(results, len(photos))
     assert {r.where for r in results} == {"cloud"}
     agree = np.mean([r.top5[0][0] == reference[r.position] for r in results])
@@ -118,16 +128,21 @@ def test_split_matches_unsplit_top1(effl0_bundle: Path, keys: KeyPaths, tail_ser
 
 @pytest.mark.parametrize("fallback", ["local", "fail"])
 def test_server_killed_mid_run_every_input_answered_once(
-        effl0_bundle: Path, keys: KeyPaths, tail_server: Any, photos: list, reference: list[int],
-        fallback: str) -> None:
+    effl0_bundle: Path, keys: KeyPaths, tail_server: Any, photos: list, reference: list[int], fallback: str
+) -> None:
     with tail_server() as server:
+
         def kill_after_third(r: Result) -> None:
             if r.position == 2:
                 server.call(server.server.stop(0))
 
-        results = run_agent(config(effl0_bundle, server.port, keys, cut="c06", in_flight=2,
-                                   fallback=fallback, deadline_ms=1500),
-                            inputs(photos[:12]), kill_after_third)
+        results = run_agent(
+            config(
+                effl0_bundle, server.port, keys, cut="c06", in_flight=2, fallback=fallback, deadline_ms=1500
+            ),
+            inputs(photos[:12]),
+            kill_after_third,
+        )
     exactly_once(results, 12)
     where = Counter(r.where for r in results)
     assert where["cloud"] >= 3
@@ -147,26 +162,30 @@ def test_unreachable_at_start(effl0_bundle: Path, keys: KeyPaths, photos: list) 
         run_agent(dataclasses.replace(cfg, fallback="fail"), inputs(photos[:1]))
 
 
-def test_wrong_server_key_is_one_clear_error(effl0_bundle: Path, keys: KeyPaths, tail_server: Any,
-                                             tmp_path: Path) -> None:
+def test_wrong_server_key_is_one_clear_error(
+    effl0_bundle: Path, keys: KeyPaths, tail_server: Any, tmp_path: Path
+) -> None:
     other = generate_keys(tmp_path / "other")
     with tail_server() as server, pytest.raises(SealError, match=r"^wrong server key: "):
         run_agent(config(effl0_bundle, server.port, other, cut="c06"), [])
 
 
-def test_server_lacks_the_model_version(effl0_bundle: Path, keys: KeyPaths, tail_server: Any,
-                                        tmp_path: Path) -> None:
+def test_server_lacks_the_model_version(
+    effl0_bundle: Path, keys: KeyPaths, tail_server: Any, tmp_path: Path
+) -> None:
     v2 = tmp_path / "effl0-v2"
     shutil.copytree(effl0_bundle, v2)
     write_manifest(v2, dataclasses.replace(load_bundle(v2).manifest, version="2"))
     with tail_server() as server, pytest.raises(NotFoundError) as err:
         run_agent(config(v2, server.port, keys, cut="c06"), [])
-    assert str(err.value).endswith("has no model 'efficientnet-lite0' version '2' "
-                                   "(serves: efficientnet-lite0:1)")
+    assert str(err.value).endswith(
+        "has no model 'efficientnet-lite0' version '2' (serves: efficientnet-lite0:1)"
+    )
 
 
-def test_cli_bad_inputs_get_one_line_each(effl0_bundle: Path, keys: KeyPaths, tail_server: Any,
-                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_inputs_get_one_line_each(
+    effl0_bundle: Path, keys: KeyPaths, tail_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     photos_dir = tmp_path / "photos"
     photos_dir.mkdir()
     for name, im in sample_photos()[:2]:
@@ -174,27 +193,56 @@ def test_cli_bad_inputs_get_one_line_each(effl0_bundle: Path, keys: KeyPaths, ta
     (photos_dir / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     np.save(tmp_path / "wrong.npy", np.zeros((1, 3, 32, 32), np.float32))
     with tail_server() as server:
-        code = main(["edge", "run", "--bundle", str(effl0_bundle), "--server",
-                     f"127.0.0.1:{server.port}", "--server-key", str(keys.service_pub),
-                     "--source", str(photos_dir), "--cut", "c06", "--json"])
+        code = main(
+            [
+                "edge",
+                "run",
+                "--bundle",
+                str(effl0_bundle),
+                "--server",
+                f"127.0.0.1:{server.port}",
+                "--server-key",
+                str(keys.service_pub),
+                "--source",
+                str(photos_dir),
+                "--cut",
+                "c06",
+                "--json",
+            ]
+        )
         lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
         assert code == 1 and len(lines) == 3
         bad = [x for x in lines if x["where"] == "failed"]
         assert len(bad) == 1 and "broken.jpg" in bad[0]["error"]
         assert all(x["top5"] and x["top5"][0]["label"] for x in lines if x["where"] == "cloud")
 
-        code = main(["edge", "run", "--bundle", str(effl0_bundle), "--server",
-                     f"127.0.0.1:{server.port}", "--server-key", str(keys.service_pub),
-                     "--source", str(tmp_path / "wrong.npy"), "--cut", "c06"])
+        code = main(
+            [
+                "edge",
+                "run",
+                "--bundle",
+                str(effl0_bundle),
+                "--server",
+                f"127.0.0.1:{server.port}",
+                "--server-key",
+                str(keys.service_pub),
+                "--source",
+                str(tmp_path / "wrong.npy"),
+                "--cut",
+                "c06",
+            ]
+        )
     out = capsys.readouterr().out.strip()
     assert code == 1 and out.count("\n") == 0 and "the model needs float32[1, 3, 224, 224]" in out
 
 
-def test_auto_cut_plans_and_says_so(effl0_bundle: Path, keys: KeyPaths, tail_server: Any,
-                                    photos: list, reference: list[int]) -> None:
+def test_auto_cut_plans_and_says_so(
+    effl0_bundle: Path, keys: KeyPaths, tail_server: Any, photos: list, reference: list[int]
+) -> None:
     with tail_server() as server:
-        results = run_agent(config(effl0_bundle, server.port, keys, cut="auto", min_cut=2),
-                            inputs(photos[:6]))
+        results = run_agent(
+            config(effl0_bundle, server.port, keys, cut="auto", min_cut=2), inputs(photos[:6])
+        )
     exactly_once(results, 6)
     assert all(r.cut_mode == "auto" and r.where in ("cloud", "local") for r in results)
     assert all(load_bundle(effl0_bundle).manifest.cut(r.cut or "").depth >= 2 for r in results)
@@ -202,17 +250,36 @@ def test_auto_cut_plans_and_says_so(effl0_bundle: Path, keys: KeyPaths, tail_ser
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_drains_in_flight_and_exits_cleanly(effl0_bundle: Path, keys: KeyPaths,
-                                                      tail_server: Any, tmp_path: Path,
-                                                      sig: signal.Signals) -> None:
+def test_interrupt_drains_in_flight_and_exits_cleanly(
+    effl0_bundle: Path, keys: KeyPaths, tail_server: Any, tmp_path: Path, sig: signal.Signals
+) -> None:
     image = tmp_path / "chelsea.png"
     Image.fromarray(sample_photos()[0][1]).save(image)
     with tail_server() as server:
         agent = subprocess.Popen(
-            [sys.executable, "-m", "edgecut.cli", "edge", "run", "--bundle", str(effl0_bundle),
-             "--server", f"127.0.0.1:{server.port}", "--server-key", str(keys.service_pub),
-             "--source", "-", "--cut", "c06", "--json"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "edgecut.cli",
+                "edge",
+                "run",
+                "--bundle",
+                str(effl0_bundle),
+                "--server",
+                f"127.0.0.1:{server.port}",
+                "--server-key",
+                str(keys.service_pub),
+                "--source",
+                "-",
+                "--cut",
+                "c06",
+                "--json",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert agent.stdin is not None and agent.stdout is not None
         for _ in range(40):  # more than in flight: the agent is mid-stream when signalled
             agent.stdin.write(f"{image}\n")
@@ -245,11 +312,13 @@ def test_video_source_without_opencv_is_a_clear_error() -> None:
 
 
 def test_edge_import_path_pulls_no_torch_onnx_cloud_or_partition() -> None:
-    code = ("import sys, edgecut.edge.agent, edgecut.edge.cli, edgecut.edge.session, "
-            "edgecut.edge.runner, edgecut.edge.cutchoice, edgecut.planner; "
-            "bad = [m for m in sys.modules if m == 'torch' or m == 'onnx' or "
-            "m.startswith(('torch.', 'onnx.', 'edgecut.cloud', 'edgecut.partition'))]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, edgecut.edge.agent, edgecut.edge.cli, edgecut.edge.session, "
+        "edgecut.edge.runner, edgecut.edge.cutchoice, edgecut.planner; "
+        "bad = [m for m in sys.modules if m == 'torch' or m == 'onnx' or "
+        "m.startswith(('torch.', 'onnx.', 'edgecut.cloud', 'edgecut.partition'))]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -258,8 +327,9 @@ def test_demo_runs_end_to_end(effl0_bundle: Path, tmp_path: Path, reference: lis
     cache = tmp_path / "cache"
     shutil.copytree(effl0_bundle, cache / "edgecut" / "bundles" / "effl0")  # reused, not rebuilt
     env = {**os.environ, "XDG_CACHE_HOME": str(cache), "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "edgecut.cli", "demo"], capture_output=True,
-                          text=True, timeout=90, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgecut.cli", "demo"], capture_output=True, text=True, timeout=90, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     labels = load_bundle(effl0_bundle).labels()
     cat = reference[0]  # chelsea, the cat

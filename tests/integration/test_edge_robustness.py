@@ -21,10 +21,11 @@ from support import running_server, serve_config
 from edgecut.bundle import load_bundle
 from edgecut.edge import session as session_module
 from edgecut.edge.agent import Agent, Input, Result, image_input
-from edgecut.edge.cli import EdgeConfig, start_agent, stop_on_signals
+from edgecut.edge.cli import stop_on_signals
 from edgecut.edge.cutchoice import PROBE_TIMEOUT_MS, AutoCut, FixedCut
 from edgecut.edge.runner import OrtRunner
 from edgecut.edge.session import SessionConfig, TailSession
+from edgecut.edge.startup import EdgeConfig, start_agent
 from edgecut.errors import NotFoundError, UnavailableError
 from edgecut.images import prepare, sample_photos
 from edgecut.keys import KeyPaths, load_service_public
@@ -33,12 +34,14 @@ from edgecut.runtime import OrtOptions
 
 
 def edge_config(bundle: Path, port: int, keys: KeyPaths, **kw: Any) -> EdgeConfig:
-    return EdgeConfig(bundle=bundle, server=f"127.0.0.1:{port}", server_key=keys.service_pub,
-                      threads=1, cut="c06", **kw)
+    return EdgeConfig(
+        bundle=bundle, server=f"127.0.0.1:{port}", server_key=keys.service_pub, threads=1, cut="c06", **kw
+    )
 
 
-def raise_on_call(obj: Any, name: str, k: int, *, after: bool = False,
-                  exc: Callable[[], BaseException] = KeyboardInterrupt) -> None:
+def raise_on_call(
+    obj: Any, name: str, k: int, *, after: bool = False, exc: Callable[[], BaseException] = KeyboardInterrupt
+) -> None:
     """Make `obj.name` raise on its k-th call: before the real call, or after it has run."""
     real, calls = getattr(obj, name), 0
 
@@ -55,8 +58,7 @@ def raise_on_call(obj: Any, name: str, k: int, *, after: bool = False,
     setattr(obj, name, wrapper)
 
 
-def run_counting(config: EdgeConfig, patch: Callable[[Agent], None]) -> tuple[list[Result], int,
-                                                                                Agent]:
+def run_counting(config: EdgeConfig, patch: Callable[[Agent], None]) -> tuple[list[Result], int, Agent]:
     """Run the agent over the sample photos; also return how many inputs it pulled."""
     pulled = 0
 
@@ -105,28 +107,32 @@ def _cli_handler(agent: Agent) -> Callable[[int, object], None]:
             signal.signal(s, h)
 
 
-@pytest.mark.parametrize(("target", "name", "k", "after"), [
-    ("session", "wait", 2, False),  # the signal lands while waiting for an answer
-    ("head", "run", 3, False),  # ... while the head runs (nothing submitted yet)
-    ("session", "submit", 2, True),  # ... after the request went out, before its ticket is kept
-    ("session", "wait", 3, True),  # ... after an answer arrived, before its result is emitted
-])
+@pytest.mark.parametrize(
+    ("target", "name", "k", "after"),
+    [
+        ("session", "wait", 2, False),  # the signal lands while waiting for an answer
+        ("head", "run", 3, False),  # ... while the head runs (nothing submitted yet)
+        ("session", "submit", 2, True),  # ... after the request went out, before its ticket is kept
+        ("session", "wait", 3, True),  # ... after an answer arrived, before its result is emitted
+    ],
+)
 def test_interrupt_anywhere_still_one_result_per_started_input(
-        effl0_bundle: Path, keys: KeyPaths, tail_server: Any, target: str, name: str, k: int,
-        after: bool) -> None:
+    effl0_bundle: Path, keys: KeyPaths, tail_server: Any, target: str, name: str, k: int, after: bool
+) -> None:
     with tail_server() as server:
         results, pulled, agent = run_counting(
             edge_config(effl0_bundle, server.port, keys, in_flight=2),
-            lambda a: signal_on_call(a, getattr(a, target), name, k, after))
+            lambda a: signal_on_call(a, getattr(a, target), name, k, after),
+        )
     assert agent.interrupted
     assert pulled < len(sample_photos())  # the stop really cut the source short
     assert sorted(r.position for r in results) == list(range(pulled))
     assert {r.where for r in results} <= {"cloud", "local"}
 
 
-def test_interrupt_while_reading_the_source(effl0_bundle: Path, keys: KeyPaths,
-                                            tail_server: Any) -> None:
+def test_interrupt_while_reading_the_source(effl0_bundle: Path, keys: KeyPaths, tail_server: Any) -> None:
     """A source blocked in a read (stdin, camera) is interrupted by the signal itself."""
+
     def source(agent: Agent) -> Iterator[Input]:
         photos = sample_photos()
         for i in range(3):
@@ -136,16 +142,19 @@ def test_interrupt_while_reading_the_source(effl0_bundle: Path, keys: KeyPaths,
         raise AssertionError("not reached")
 
     results: list[Result] = []
-    with tail_server() as server, \
-            start_agent(edge_config(effl0_bundle, server.port, keys, in_flight=2)) as agent:
+    with (
+        tail_server() as server,
+        start_agent(edge_config(effl0_bundle, server.port, keys, in_flight=2)) as agent,
+    ):
         agent.run(source(agent), results.append)
     assert agent.interrupted
     assert sorted(r.position for r in results) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("fallback", ["local", "fail"])
-def test_malformed_answer_fails_only_its_input(effl0_bundle: Path, keys: KeyPaths,
-                                               tail_server: Any, fallback: str) -> None:
+def test_malformed_answer_fails_only_its_input(
+    effl0_bundle: Path, keys: KeyPaths, tail_server: Any, fallback: str
+) -> None:
     def corrupt_second_answer(agent: Agent) -> None:
         assert agent.session is not None
         real, calls = agent.session.wait, 0
@@ -160,7 +169,8 @@ def test_malformed_answer_fails_only_its_input(effl0_bundle: Path, keys: KeyPath
 
     with tail_server() as server:
         results, pulled, agent = run_counting(
-            edge_config(effl0_bundle, server.port, keys, fallback=fallback), corrupt_second_answer)
+            edge_config(effl0_bundle, server.port, keys, fallback=fallback), corrupt_second_answer
+        )
     assert not agent.interrupted
     assert sorted(r.position for r in results) == list(range(pulled))
     (bad,) = [r for r in results if r.where != "cloud"]
@@ -172,7 +182,8 @@ def test_malformed_answer_fails_only_its_input(effl0_bundle: Path, keys: KeyPath
 
 
 def test_server_with_another_build_of_the_version_is_refused(
-        effl0_bundle: Path, keys: KeyPaths, tmp_path: Path) -> None:
+    effl0_bundle: Path, keys: KeyPaths, tmp_path: Path
+) -> None:
     served = tmp_path / "served"
     shutil.copytree(effl0_bundle, served / "effl0")
     with (served / "effl0" / "manifest.json").open("a") as f:
@@ -181,8 +192,9 @@ def test_server_with_another_build_of_the_version_is_refused(
     ours = load_bundle(effl0_bundle).manifest_sha256[:12]
     with running_server(serve_config(served, keys)) as server, pytest.raises(NotFoundError) as err:
         run_counting(edge_config(effl0_bundle, server.port, keys), lambda agent: None)
-    assert str(err.value).endswith(f"serves a different build of efficientnet-lite0:1 "
-                                   f"(manifest sha {theirs} vs local {ours})")
+    assert str(err.value).endswith(
+        f"serves a different build of efficientnet-lite0:1 (manifest sha {theirs} vs local {ours})"
+    )
 
 
 @pytest.fixture
@@ -191,9 +203,17 @@ def session_for(effl0_bundle: Path, keys: KeyPaths) -> Iterator[Callable[[int], 
     manifest = load_bundle(effl0_bundle).manifest
 
     def make(port: int) -> TailSession:
-        made.append(TailSession(SessionConfig(
-            f"127.0.0.1:{port}", load_service_public(keys.service_pub), manifest.model,
-            manifest.version, deadline_ms=3000)))
+        made.append(
+            TailSession(
+                SessionConfig(
+                    f"127.0.0.1:{port}",
+                    load_service_public(keys.service_pub),
+                    manifest.model,
+                    manifest.version,
+                    deadline_ms=3000,
+                )
+            )
+        )
         return made[-1]
 
     yield make
@@ -235,8 +255,9 @@ def test_broken_streams_leave_no_thread_behind(tail_server: Any, session_for: An
             wait_until(lambda: threading.active_count() <= before + 1)
 
 
-def test_reader_crash_fails_requests_fast_and_reconnects(tail_server: Any, session_for: Any,
-                                                         c06_payload: bytes) -> None:
+def test_reader_crash_fails_requests_fast_and_reconnects(
+    tail_server: Any, session_for: Any, c06_payload: bytes
+) -> None:
     with tail_server() as server:
         session = session_for(server.port)
         session.connect()
@@ -248,9 +269,9 @@ def test_reader_crash_fails_requests_fast_and_reconnects(tail_server: Any, sessi
     assert reply.payload
 
 
-def test_stream_breaking_during_submit_fails_at_once(tail_server: Any, session_for: Any,
-                                                     c06_payload: bytes,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stream_breaking_during_submit_fails_at_once(
+    tail_server: Any, session_for: Any, c06_payload: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_seal = session_module.seal_request
     with tail_server() as server:
         session = session_for(server.port)
@@ -277,8 +298,7 @@ class _SilentSession:
     def __init__(self) -> None:
         self.calls: list[tuple[float | None, float]] = []  # (timeout_ms, perf_counter at call)
 
-    def probe(self, payload_bytes: int = 0, reply_bytes: int = 0,
-              timeout_ms: float | None = None) -> float:
+    def probe(self, payload_bytes: int = 0, reply_bytes: int = 0, timeout_ms: float | None = None) -> float:
         self.calls.append((timeout_ms, time.perf_counter()))
         raise UnavailableError("probe failed: DEADLINE_EXCEEDED")
 
@@ -286,8 +306,9 @@ class _SilentSession:
 def test_edge_only_probe_is_short_and_not_repeated_at_once(effl0_bundle: Path) -> None:
     bundle = load_bundle(effl0_bundle)
     m = bundle.manifest
-    choice = AutoCut(bundle, OrtRunner(bundle, OrtOptions(threads=1)), None, "int8",
-                     min_depth=len(m.segments))  # only "output": edge-only
+    choice = AutoCut(
+        bundle, OrtRunner(bundle, OrtOptions(threads=1)), None, "int8", min_depth=len(m.segments)
+    )  # only "output": edge-only
     choice.calibrate({m.inputs[0].name: prepare(sample_photos()[0][1], m.preprocess)})
     silent = _SilentSession()
     choice.session = silent  # type: ignore[assignment]

@@ -39,9 +39,11 @@ CUTS = ("c03", "c05")  # heads: seg_001..003 and seg_001..005, all converted
 # LiteRT vs ORT on the same ONNX graph, fp32: per-segment max |Δ| was ≤ 2e-4 at activations up to
 # ~60 when converted; through the ORT tail the logits (|logit| up to ~20) moved by ≤ 1e-5. Allowed:
 LOGIT_ATOL = 1e-3
-REGENERATE = ("the EfficientNet-Lite0 ONNX segments changed since the committed LiteRT "
-              "conversions were made; regenerate them in a converter venv: "
-              "python tests/data/effl0_tflite/regenerate.py (see its docstring)")
+REGENERATE = (
+    "the EfficientNet-Lite0 ONNX segments changed since the committed LiteRT "
+    "conversions were made; regenerate them in a converter venv: "
+    "python tests/data/effl0_tflite/regenerate.py (see its docstring)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +59,11 @@ def litert_bundle(effl0_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
         if name not in sources:
             continue
         pinned = sources[name]
-        if (onnx_fingerprint(bundle.path(seg.file)) != pinned["onnx_fingerprint"]
-                or [*seg.inputs] != pinned["inputs"] or [*seg.outputs] != pinned["outputs"]):
+        if (
+            onnx_fingerprint(bundle.path(seg.file)) != pinned["onnx_fingerprint"]
+            or [*seg.inputs] != pinned["inputs"]
+            or [*seg.outputs] != pinned["outputs"]
+        ):
             pytest.fail(f"{seg.file}: {REGENERATE}")
         files[i] = DATA / f"{name}.tflite"
     assert len(files) == len(sources) == 5
@@ -68,8 +73,11 @@ def litert_bundle(effl0_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 def photos() -> list[tuple[str, np.ndarray]]:
     """The scikit-image photos, as is and mirrored: 14 inputs."""
-    return [(n + tag, np.ascontiguousarray(v)) for n, im in sample_photos()
-            for tag, v in (("", im), ("+flip", im[:, ::-1]))]
+    return [
+        (n + tag, np.ascontiguousarray(v))
+        for n, im in sample_photos()
+        for tag, v in (("", im), ("+flip", im[:, ::-1]))
+    ]
 
 
 def test_conversions_are_listed_and_hash_verified(litert_bundle: Bundle) -> None:
@@ -83,7 +91,8 @@ def test_conversions_are_listed_and_hash_verified(litert_bundle: Bundle) -> None
 
 
 def test_litert_head_ort_tail_agrees_with_unsplit_model(
-        litert_bundle: Bundle, photos: list[tuple[str, np.ndarray]]) -> None:
+    litert_bundle: Bundle, photos: list[tuple[str, np.ndarray]]
+) -> None:
     m = litert_bundle.manifest
     litert, ort = LiteRtRunner(litert_bundle, threads=1), OrtRunner(litert_bundle)
     last, x_name, y_name = len(m.segments) - 1, m.inputs[0].name, m.outputs[0].name
@@ -97,7 +106,8 @@ def test_litert_head_ort_tail_agrees_with_unsplit_model(
             assert len(head.timings_ms) == cut.depth
             frontier = head.outputs
             assert [(k, v.shape, str(v.dtype)) for k, v in frontier.items()] == [
-                (t.name, t.shape, t.dtype) for t in cut.frontier]
+                (t.name, t.shape, t.dtype) for t in cut.frontier
+            ]
             ort_frontier = ort.run(feeds, 0, cut.depth - 1).outputs
             for k, v in frontier.items():
                 assert np.allclose(v, ort_frontier[k], atol=1e-3), (cut_id, name, k)
@@ -109,8 +119,12 @@ def test_litert_head_ort_tail_agrees_with_unsplit_model(
 
 
 def test_edge_run_with_litert_runtime_against_tail_service(
-        litert_bundle: Bundle, keys: KeyPaths, tail_server: Any, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    litert_bundle: Bundle,
+    keys: KeyPaths,
+    tail_server: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     m = litert_bundle.manifest
     ort = OrtRunner(litert_bundle)
     photos_dir = tmp_path / "photos"
@@ -118,15 +132,33 @@ def test_edge_run_with_litert_runtime_against_tail_service(
     expected = {}
     for name, image in sample_photos():
         Image.fromarray(image).save(photos_dir / f"{name}.png")
-        feeds = {m.inputs[0].name: prepare(np.asarray(Image.open(photos_dir / f"{name}.png")),
-                                           m.preprocess)}
+        feeds = {m.inputs[0].name: prepare(np.asarray(Image.open(photos_dir / f"{name}.png")), m.preprocess)}
         logits = ort.run(feeds, 0, len(m.segments) - 1).outputs[m.outputs[0].name]
         expected[f"{name}.png"] = int(np.argmax(logits))
     with tail_server() as server:
-        code = main(["edge", "run", "--bundle", str(litert_bundle.root), "--runtime", "litert",
-                     "--server", f"127.0.0.1:{server.port}", "--server-key", str(keys.service_pub),
-                     "--source", str(photos_dir), "--cut", "c03", "--codec", "fp16",
-                     "--fallback", "fail", "--json"])
+        code = main(
+            [
+                "edge",
+                "run",
+                "--bundle",
+                str(litert_bundle.root),
+                "--runtime",
+                "litert",
+                "--server",
+                f"127.0.0.1:{server.port}",
+                "--server-key",
+                str(keys.service_pub),
+                "--source",
+                str(photos_dir),
+                "--cut",
+                "c03",
+                "--codec",
+                "fp16",
+                "--fallback",
+                "fail",
+                "--json",
+            ]
+        )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert code == 0 and len(lines) == len(expected)
     for line in lines:

@@ -14,19 +14,68 @@ from edgecut.profile import load_profile
 @pytest.fixture(scope="module")
 def profiles(effl0_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("profiles")
-    assert main(["profile", str(effl0_bundle), "--out", str(d / "here.json"), "--runs", "3",
-                 "--threads", "1", "--codecs", "int8,int4,jpeg90"]) == 0
-    assert main(["profile", str(effl0_bundle), "--out", str(d / "pi.json"), "--runs", "3",
-                 "--threads", "1", "--codecs", "int8,int4,jpeg90", "--scale", "5",
-                 "--source", "Pi 4 ~ 5x one core here (DESIGN.md)", "--device", "pi4"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                str(effl0_bundle),
+                "--out",
+                str(d / "here.json"),
+                "--runs",
+                "3",
+                "--threads",
+                "1",
+                "--codecs",
+                "int8,int4,jpeg90",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "profile",
+                str(effl0_bundle),
+                "--out",
+                str(d / "pi.json"),
+                "--runs",
+                "3",
+                "--threads",
+                "1",
+                "--codecs",
+                "int8,int4,jpeg90",
+                "--scale",
+                "5",
+                "--source",
+                "Pi 4 ~ 5x one core here (DESIGN.md)",
+                "--device",
+                "pi4",
+            ]
+        )
+        == 0
+    )
     return d / "pi.json", d / "here.json"
 
 
-def _plan(capsys: pytest.CaptureFixture[str], bundle: Path, profiles: tuple[Path, Path],
-          *extra: str) -> dict:  # type: ignore[type-arg]
+def _plan(capsys: pytest.CaptureFixture[str], bundle: Path, profiles: tuple[Path, Path], *extra: str) -> dict:  # type: ignore[type-arg]
     capsys.readouterr()
-    assert main(["plan", str(bundle), "--edge-profile", str(profiles[0]), "--cloud-profile",
-                 str(profiles[1]), "--json", "--codec", "int8,int4", *extra]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(bundle),
+                "--edge-profile",
+                str(profiles[0]),
+                "--cloud-profile",
+                str(profiles[1]),
+                "--json",
+                "--codec",
+                "int8,int4",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return json.loads(capsys.readouterr().out)
 
 
@@ -34,16 +83,15 @@ def test_profile_is_complete_and_labelled(effl0_bundle: Path, profiles: tuple[Pa
     pi, here = (load_profile(p) for p in profiles)
     assert pi.mode == "scaled" and pi.scale == 5 and "DESIGN.md" in pi.source
     assert here.mode == "measured"
-    assert len(here.segments) == len(json.loads((effl0_bundle / "manifest.json").read_text())
-                                     ["segments"])
+    assert len(here.segments) == len(json.loads((effl0_bundle / "manifest.json").read_text())["segments"])
     assert {c.cut for c in here.codecs} >= {"input", "c01"}
     for a, b in zip(pi.segments, here.segments, strict=True):
         assert a.segment == b.segment
 
 
-def test_plan_picks_the_cheapest_allowed_row(capsys: pytest.CaptureFixture[str],
-                                             effl0_bundle: Path,
-                                             profiles: tuple[Path, Path]) -> None:
+def test_plan_picks_the_cheapest_allowed_row(
+    capsys: pytest.CaptureFixture[str], effl0_bundle: Path, profiles: tuple[Path, Path]
+) -> None:
     fast = _plan(capsys, effl0_bundle, profiles, "--bandwidth", "1gbit", "--rtt", "1ms")
     slow = _plan(capsys, effl0_bundle, profiles, "--bandwidth", "0.2mbit", "--rtt", "80ms")
     for result in (fast, slow):
@@ -56,8 +104,9 @@ def test_plan_picks_the_cheapest_allowed_row(capsys: pytest.CaptureFixture[str],
     assert all(not r["allowed"] for r in private["rows"][:3])
 
 
-def test_plan_bad_input(capsys: pytest.CaptureFixture[str], effl0_bundle: Path,
-                        profiles: tuple[Path, Path], tmp_path: Path) -> None:
+def test_plan_bad_input(
+    capsys: pytest.CaptureFixture[str], effl0_bundle: Path, profiles: tuple[Path, Path], tmp_path: Path
+) -> None:
     base = ["plan", str(effl0_bundle), "--cloud-profile", str(profiles[1])]
     assert main([*base, "--edge-profile", str(profiles[0]), "--bandwidth", "8mbps"]) == 2
     assert "8mbps" in capsys.readouterr().err

@@ -38,16 +38,19 @@ def _frames(n: int = 3) -> list:  # type: ignore[type-arg]
     return split(HEAD, b"x" * 30, 10)[:n]
 
 
-@pytest.mark.parametrize("mutate, error, needle", [
-    (lambda fs: [fs[1]], CodecError, "without chunk 0"),
-    (lambda fs: [fs[0], fs[2]], CodecError, "expected 1"),
-    (lambda fs: [fs[0], fs[0]], CodecError, "started twice"),
-    (lambda fs: [_set(fs[0], total_bytes=1 << 40)], FrameTooLargeError, "at most"),
-    (lambda fs: [_set(fs[0], chunk_count=0)], CodecError, "chunk_count"),
-    (lambda fs: [_set(fs[0], total_bytes=12), fs[1]], CodecError, "exceed"),
-    (lambda fs: [_set(fs[0], total_bytes=40), fs[1], fs[2]], CodecError, "announced"),
-    (lambda fs: [_set(fs[0], request_id="")], CodecError, "no request_id"),
-])
+@pytest.mark.parametrize(
+    "mutate, error, needle",
+    [
+        (lambda fs: [fs[1]], CodecError, "without chunk 0"),
+        (lambda fs: [fs[0], fs[2]], CodecError, "expected 1"),
+        (lambda fs: [fs[0], fs[0]], CodecError, "started twice"),
+        (lambda fs: [_set(fs[0], total_bytes=1 << 40)], FrameTooLargeError, "at most"),
+        (lambda fs: [_set(fs[0], chunk_count=0)], CodecError, "chunk_count"),
+        (lambda fs: [_set(fs[0], total_bytes=12), fs[1]], CodecError, "exceed"),
+        (lambda fs: [_set(fs[0], total_bytes=40), fs[1], fs[2]], CodecError, "announced"),
+        (lambda fs: [_set(fs[0], request_id="")], CodecError, "no request_id"),
+    ],
+)
 def test_lying_chunks_fail_that_request_only(mutate, error, needle) -> None:  # type: ignore[no-untyped-def]
     r = Reassembler()
     with pytest.raises(error, match=needle):

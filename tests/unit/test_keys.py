@@ -100,9 +100,7 @@ def test_force_overwrites_with_new_keys(key_dir: Path) -> None:
         ("signing.pub", "signing.key", "Ed25519 private"),
     ],
 )
-def test_wrong_kind_is_refused_with_what_it_holds(
-    key_dir: Path, loader: str, given: str, kind: str
-) -> None:
+def test_wrong_kind_is_refused_with_what_it_holds(key_dir: Path, loader: str, given: str, kind: str) -> None:
     with pytest.raises(KeyFileError, match=f"{given}.*holds .*{kind}.*expected .*{loader}"):
         LOADERS[loader](key_dir / given)
 
@@ -140,9 +138,7 @@ def test_missing_file_names_it_and_hints_gen(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.parametrize("name", ["service.key", "signing.key"])
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o620])
-def test_permissive_private_file_is_refused_with_chmod_hint(
-    key_dir: Path, name: str, mode: int
-) -> None:
+def test_permissive_private_file_is_refused_with_chmod_hint(key_dir: Path, name: str, mode: int) -> None:
     path = key_dir / name
     path.chmod(mode)
     with pytest.raises(KeyFileError, match="accessible to group or others") as info:

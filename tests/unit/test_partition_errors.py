@@ -14,11 +14,14 @@ from edgecut.cli import main
 
 def _tiny(path: Path, batch: int | str = 1, op: str = "Relu", domain: str = "") -> Path:
     w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
-             helper.make_node(op, ["h"], ["y"], domain=domain)]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node(op, ["h"], ["y"], domain=domain)]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])], initializer=[w])
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])],
+        initializer=[w],
+    )
     opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
     onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8), str(path))
     return path
@@ -42,19 +45,33 @@ def test_good_onnx_then_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[st
     ("make", "extra", "code", "needle"),
     [
         (lambda p: p / "missing.onnx", [], 2, "does not exist"),
-        (lambda p: (p / "t.onnx").write_bytes(b"hello, not a model") and p / "t.onnx", [], 1,
-         "not a valid ONNX model"),
+        (
+            lambda p: (p / "t.onnx").write_bytes(b"hello, not a model") and p / "t.onnx",
+            [],
+            1,
+            "not a valid ONNX model",
+        ),
         (lambda p: _tiny(p / "dyn.onnx", batch="N"), [], 2, "--input-shape"),
         (lambda p: _tiny(p / "op.onnx", op="Frobnicate"), [], 1, "No Op registered for Frobnicate"),
-        (lambda p: _tiny(p / "op.onnx", op="Frobnicate", domain="com.example"), [], 1,
-         "com.example:Frobnicate(-1) is not a registered"),
+        (
+            lambda p: _tiny(p / "op.onnx", op="Frobnicate", domain="com.example"),
+            [],
+            1,
+            "com.example:Frobnicate(-1) is not a registered",
+        ),
         (lambda p: _tiny(p / "m.onnx"), ["--max-cuts", "0"], 2, "--max-cuts"),
         (lambda p: _tiny(p / "m.onnx"), ["--input-shape", "1xax4"], 2, "--input-shape"),
         (lambda p: p / "no_such_module_x:fn", [], 2, "cannot import factory"),
     ],
 )
-def test_bad_input_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], make, extra,  # type: ignore[no-untyped-def]
-                            code: int, needle: str) -> None:
+def test_bad_input_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    make,
+    extra,  # type: ignore[no-untyped-def]
+    code: int,
+    needle: str,
+) -> None:
     src = make(tmp_path)
     source = src.name if ":" in src.name else str(src)
     got, err = _run(capsys, "partition", source, "-o", str(tmp_path / "out"), *extra)
@@ -77,8 +94,7 @@ def test_dynamic_dims_with_input_shape(tmp_path: Path) -> None:
     assert main(["partition", str(model), "-o", str(tmp_path / "b"), "--input-shape", "1x4"]) == 0
 
 
-def test_existing_output_refused_unless_force(tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_output_refused_unless_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = _tiny(tmp_path / "m.onnx")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "keep.txt").write_text("mine")
@@ -93,8 +109,7 @@ def test_tampered_segment_and_signature(tmp_path: Path, capsys: pytest.CaptureFi
     model = _tiny(tmp_path / "m.onnx")
     assert main(["keys", "gen", "--out", str(tmp_path / "k")]) == 0
     key = tmp_path / "k"
-    assert main(["partition", str(model), "-o", str(tmp_path / "b"),
-                 "--sign", str(key / "signing.key")]) == 0
+    assert main(["partition", str(model), "-o", str(tmp_path / "b"), "--sign", str(key / "signing.key")]) == 0
     assert main(["inspect", str(tmp_path / "b"), "--key", str(key / "signing.pub")]) == 0
     capsys.readouterr()
     manifest = tmp_path / "b" / "manifest.json"

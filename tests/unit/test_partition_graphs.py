@@ -52,8 +52,7 @@ class Dense(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
-        self.layers = torch.nn.ModuleList(torch.nn.Conv2d(4 * (i + 1), 4, 3, padding=1)
-                                          for i in range(3))
+        self.layers = torch.nn.ModuleList(torch.nn.Conv2d(4 * (i + 1), 4, 3, padding=1) for i in range(3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = [torch.relu(self.stem(x))]
@@ -108,8 +107,9 @@ def _const_model(path: Path, initializers_as_inputs: bool) -> Path:
     bias = numpy_helper.from_array(np.full((1, 4), 0.5, np.float32), "bias")
     nodes = [
         helper.make_node("Shape", ["x"], ["xs"]),
-        helper.make_node("ConstantOfShape", ["xs"], ["ones"],
-                         value=numpy_helper.from_array(np.ones(1, np.float32))),
+        helper.make_node(
+            "ConstantOfShape", ["xs"], ["ones"], value=numpy_helper.from_array(np.ones(1, np.float32))
+        ),
         helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.float32(2))),
         helper.make_node("Mul", ["w_init", "two"], ["w2"]),
         helper.make_node("Add", ["x", "ones"], ["h1"]),
@@ -119,11 +119,17 @@ def _const_model(path: Path, initializers_as_inputs: bool) -> Path:
     ]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
     if initializers_as_inputs:
-        inputs += [helper.make_tensor_value_info("w_init", TensorProto.FLOAT, [4, 4]),
-                   helper.make_tensor_value_info("bias", TensorProto.FLOAT, [1, 4])]
-    graph = helper.make_graph(nodes, "g", inputs,
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-                              initializer=[w, bias])
+        inputs += [
+            helper.make_tensor_value_info("w_init", TensorProto.FLOAT, [4, 4]),
+            helper.make_tensor_value_info("bias", TensorProto.FLOAT, [1, 4]),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        initializer=[w, bias],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.save(model, str(path))
     return path
@@ -139,7 +145,7 @@ def test_constants_never_cross_a_cut(tmp_path: Path, old_style: bool) -> None:
     _check_every_cut(path, tmp_path / "b")
 
 
-FACTORY = '''
+FACTORY = """
 import torch
 
 class Net(torch.nn.Module):
@@ -154,7 +160,7 @@ class Net(torch.nn.Module):
 def make():
     torch.manual_seed(0)
     return Net().eval(), torch.randn(1, 3, 8, 8)
-'''
+"""
 
 
 def test_torch_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,7 +177,13 @@ def test_external_data_model(tmp_path: Path) -> None:
     """Weights stored beside the graph (as large models are) load and segment normally."""
     path = _save_torch(Residual(), tmp_path / "m.onnx")
     model = onnx.load(str(path))
-    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True,
-              all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+    onnx.save(
+        model,
+        str(tmp_path / "ext.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
     assert (tmp_path / "ext.onnx.data").stat().st_size > 1000
     _check_every_cut(tmp_path / "ext.onnx", tmp_path / "b")

@@ -47,9 +47,7 @@ def realistic_table() -> list[CutCost]:
         cost(1, 15.0, 300_000, 3.0),
         cost(2, 55.0, 80_000, 2.0),
         cost(3, 115.0, 10_000, 1.0),
-        cost(
-            4, 200.0, 0, 0.0, cut="output", codec="none", encode_ms=0.0, decode_ms=0.0, bytes_down=0
-        ),
+        cost(4, 200.0, 0, 0.0, cut="output", codec="none", encode_ms=0.0, decode_ms=0.0, bytes_down=0),
     ]
 
 
@@ -184,8 +182,7 @@ def test_edge_memory_alone():
 
 def test_accuracy_budget_alone():
     table = [
-        CutCost(**{**vars(c), "accuracy_drop": 0.02 if c.codec == "int8" else 0.0})
-        for c in realistic_table()
+        CutCost(**{**vars(c), "accuracy_drop": 0.02 if c.codec == "int8" else 0.0}) for c in realistic_table()
     ]
     p = plan(table, link(10), Constraints(max_accuracy_drop=0.01))
     assert p.chosen.cost.codec in ("jpeg", "none")
@@ -279,10 +276,7 @@ def test_replanner_is_stable_under_noise():
         choices.add(row.cost.cut)
     assert len(choices) == 1
     # Without hysteresis the same noise flips the choice: the test above is not vacuous.
-    plain = {
-        plan([a, b], link(10 * rng.uniform(0.95, 1.05), rtt_ms=20)).chosen.cost.cut
-        for _ in range(1000)
-    }
+    plain = {plan([a, b], link(10 * rng.uniform(0.95, 1.05), rtt_ms=20)).chosen.cost.cut for _ in range(1000)}
     assert len(plain) == 2
 
 

@@ -118,9 +118,7 @@ def test_flipped_byte_does_not_open(pair: KeyPair, sealed: tuple[bytes, bytes], 
     assert keys.key_id(pair[0].public) in (info.value.hint or "")
 
 
-def test_wrong_private_key_does_not_open(
-    pair: KeyPair, sealed: tuple[bytes, bytes], tmp_path: Path
-) -> None:
+def test_wrong_private_key_does_not_open(pair: KeyPair, sealed: tuple[bytes, bytes], tmp_path: Path) -> None:
     for suite in keys.SUITES:
         other, _ = _pair(tmp_path / suite, suite)
         with pytest.raises(SealError, match="wrong service key"):
@@ -137,9 +135,7 @@ def test_frame_does_not_open_under_another_binding(
 
 
 @pytest.mark.parametrize("length", [0, 1, 32, 48, 88, -1])
-def test_truncated_frame_is_refused(
-    pair: KeyPair, sealed: tuple[bytes, bytes], length: int
-) -> None:
+def test_truncated_frame_is_refused(pair: KeyPair, sealed: tuple[bytes, bytes], length: int) -> None:
     with pytest.raises(SealError, match=r"too short|did not open"):
         sealing.open_request(pair[0], BINDING, sealed[0][:length])
 

@@ -28,10 +28,15 @@ DEFAULT_SEGMENTS = 5  # seg_001..seg_005: heads for cuts c01..c05, ~0.37 MB in a
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path,
-                        help="an EfficientNet-Lite0 bundle (default: partition one in a temp dir)")
-    parser.add_argument("--segments", type=int, default=DEFAULT_SEGMENTS,
-                        help=f"convert the first N segments (default {DEFAULT_SEGMENTS})")
+    parser.add_argument(
+        "--bundle", type=Path, help="an EfficientNet-Lite0 bundle (default: partition one in a temp dir)"
+    )
+    parser.add_argument(
+        "--segments",
+        type=int,
+        default=DEFAULT_SEGMENTS,
+        help=f"convert the first N segments (default {DEFAULT_SEGMENTS})",
+    )
     args = parser.parse_args(argv)
 
     from edgecut.bundle import load_bundle, sha256_file
@@ -65,11 +70,13 @@ def main(argv: list[str] | None = None) -> int:
                 "max_abs_diff": report[name]["max_abs_diff"],
                 "scale": report[name]["scale"],
             }
-        versions = {d: metadata.version(d) for d in ("torch", "litert-torch", "onnx2torch",
-                                                      "ai-edge-litert", "onnx")}
-        (HERE / "sources.json").write_text(json.dumps(
-            {"model": bundle.manifest.model, "converter": versions, "segments": sources},
-            indent=1) + "\n")
+        versions = {
+            d: metadata.version(d) for d in ("torch", "litert-torch", "onnx2torch", "ai-edge-litert", "onnx")
+        }
+        (HERE / "sources.json").write_text(
+            json.dumps({"model": bundle.manifest.model, "converter": versions, "segments": sources}, indent=1)
+            + "\n"
+        )
     for name, s in sources.items():
         size = (HERE / f"{name}.tflite").stat().st_size
         print(f"{name}: {size / 1e3:.0f} kB, max |Δ| {s['max_abs_diff']:.3g} (scale {s['scale']:.3g})")

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecut.apps.sweep.records import Cell, Link
 from edgecut.bundle import Bundle, Manifest
 from edgecut.codec import CodecSpec
 from edgecut.costs import segment_name
 from edgecut.errors import ProfileError, UsageError
 from edgecut.netem import parse_bandwidth, parse_duration_ms
 from edgecut.profile import Profile, load_profile
-from edgecut.sweep.records import Cell, Link
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +54,40 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         if self.requests < 1 or self.warmup < 0:
-            raise UsageError(f"--requests must be >= 1 and --warmup >= 0, got {self.requests}, "
-                             f"{self.warmup}")
+            raise UsageError(f"--requests must be >= 1 and --warmup >= 0, got {self.requests}, {self.warmup}")
         if self.edge_threads < 0 or self.cloud_threads < 0:
             raise UsageError("thread counts must be >= 0")
 
     def links(self) -> list[Link]:
         """Every bandwidth × RTT pair, parsed (raises UsageError naming the bad one)."""
-        return [Link(bw, parse_bandwidth(bw), parse_duration_ms(rtt))
-                for bw in self.bandwidths for rtt in self.rtts]
+        return [
+            Link(bw, parse_bandwidth(bw), parse_duration_ms(rtt))
+            for bw in self.bandwidths
+            for rtt in self.rtts
+        ]
 
     def command(self) -> str:
         """The command line that reproduces this sweep."""
-        args = ["edgecut", "bench", "sweep", str(self.bundle), "--bandwidth",
-                ",".join(self.bandwidths), "--rtt", ",".join(self.rtts), "--codec",
-                ",".join(self.codecs), "--requests", str(self.requests), "--warmup",
-                str(self.warmup), "--edge-threads", str(self.edge_threads), "--out", str(self.out)]
+        args = [
+            "edgecut",
+            "bench",
+            "sweep",
+            str(self.bundle),
+            "--bandwidth",
+            ",".join(self.bandwidths),
+            "--rtt",
+            ",".join(self.rtts),
+            "--codec",
+            ",".join(self.codecs),
+            "--requests",
+            str(self.requests),
+            "--warmup",
+            str(self.warmup),
+            "--edge-threads",
+            str(self.edge_threads),
+            "--out",
+            str(self.out),
+        ]
         if self.cuts:
             args += ["--cuts", ",".join(self.cuts)]
         if self.edge_profile is not None:
@@ -98,9 +116,11 @@ def check_codecs(codecs: Sequence[str]) -> None:
     """Inner-cut codecs must parse, and JPEG is for images only (the input cut's baseline)."""
     for name in codecs:
         if CodecSpec.parse(name).scheme == "jpeg":
-            raise UsageError(f"codec {name!r}: JPEG encodes images, so it is only used at the "
-                             "input cut (the cloud-only baseline, always swept); give inner-cut "
-                             "codecs such as int8, int4, fp16")
+            raise UsageError(
+                f"codec {name!r}: JPEG encodes images, so it is only used at the "
+                "input cut (the cloud-only baseline, always swept); give inner-cut "
+                "codecs such as int8, int4, fp16"
+            )
 
 
 def inner_cuts(manifest: Manifest, wanted: Sequence[str]) -> list[str]:
@@ -130,25 +150,30 @@ def resolve_profile(bundle: Bundle, path: Path | None) -> tuple[Profile, Path]:
     if path is None:
         shipped = sorted((bundle.root / "profiles").glob("*.json"))
         if not shipped:
-            raise ProfileError(f"bundle '{bundle.name}' ships no profiles (profiles/*.json) and no "
-                               "--edge-profile was given: the planner needs edge timings",
-                               hint=f"edgecut profile {bundle.root} --threads 1 --out P.json, "
-                                    "then --edge-profile P.json")
+            raise ProfileError(
+                f"bundle '{bundle.name}' ships no profiles (profiles/*.json) and no "
+                "--edge-profile was given: the planner needs edge timings",
+                hint=f"edgecut profile {bundle.root} --threads 1 --out P.json, then --edge-profile P.json",
+            )
         if len(shipped) > 1:
             names = ", ".join(p.name for p in shipped)
-            raise UsageError(f"bundle '{bundle.name}' ships several profiles ({names}): choose "
-                             "one with --edge-profile")
+            raise UsageError(
+                f"bundle '{bundle.name}' ships several profiles ({names}): choose one with --edge-profile"
+            )
         path = shipped[0]
     profile = load_profile(path)
     m = bundle.manifest
     if profile.model != m.model:
-        raise ProfileError(f"profile {path} is for model '{profile.model}', the bundle is "
-                           f"'{m.model}'")
+        raise ProfileError(f"profile {path} is for model '{profile.model}', the bundle is '{m.model}'")
     for segment in m.segments:
         profile.segment_ms(segment_name(segment.file))  # a missing segment is one clear error
     if profile.manifest_sha256 != bundle.manifest_sha256:
-        log.warning("profile %s was measured on another build of %s (manifest sha differs); "
-                    "its segment names match, timings are used as they are", path, m.model)
+        log.warning(
+            "profile %s was measured on another build of %s (manifest sha differs); "
+            "its segment names match, timings are used as they are",
+            path,
+            m.model,
+        )
     return profile, path
 
 

@@ -39,17 +39,19 @@ class Endpoint:
 
 
 @contextlib.contextmanager
-def endpoint(bundle: Bundle, address: str | None, server_pub: Path | None,
-             threads: int = 0) -> Iterator[Endpoint]:
+def endpoint(
+    bundle: Bundle, address: str | None, server_pub: Path | None, threads: int = 0
+) -> Iterator[Endpoint]:
     """Yield the service to use: the one at `address`, or a fresh one serving only `bundle`."""
     if address is not None:
         parse_address(address)
         if server_pub is None:
-            raise UsageError("--cloud needs --server-key (the service's service.pub: frames are "
-                             "sealed to it)")
+            raise UsageError(
+                "--cloud needs --server-key (the service's service.pub: frames are sealed to it)"
+            )
         yield Endpoint(address, server_pub, False, -1)
         return
-    from edgecut.demo import tail_service
+    from edgecut.cloud.spawn import tail_service
     from edgecut.keys import generate_keys
 
     with tempfile.TemporaryDirectory(prefix="edgecut-sweep-") as tmp:
@@ -57,8 +59,9 @@ def endpoint(bundle: Bundle, address: str | None, server_pub: Path | None,
         served.mkdir()
         (served / bundle.root.name).symlink_to(bundle.root.resolve(), target_is_directory=True)
         keys = generate_keys(Path(tmp) / "keys")
-        with tail_service(served, keys.service_key, "--max-queue-delay-ms", "0",
-                          "--threads", str(threads)) as spawned:
+        with tail_service(
+            served, keys.service_key, "--max-queue-delay-ms", "0", "--threads", str(threads)
+        ) as spawned:
             log.info("tail service spawned on %s (threads=%s)", spawned, threads or "all")
             yield Endpoint(spawned, keys.service_pub, True, threads)
 
@@ -67,7 +70,9 @@ def tail_info(address: str, model: str, version: str) -> TailInfo:
     """Ask `ServerInfo`; one clear error when unreachable, not serving the model, or unprofiled."""
     info = serverinfo.ask(address, model, version, timeout_s=INFO_TIMEOUT_S)
     if info.unprofiled:
-        raise ProfileError(f"tail service {address} reports no timing for segment(s) "
-                           f"{', '.join(info.unprofiled)}: the planner cannot predict its side",
-                           hint="start it with warm-up runs (warmup_runs > 0)")
+        raise ProfileError(
+            f"tail service {address} reports no timing for segment(s) "
+            f"{', '.join(info.unprofiled)}: the planner cannot predict its side",
+            hint="start it with warm-up runs (warmup_runs > 0)",
+        )
     return info

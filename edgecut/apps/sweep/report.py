@@ -19,13 +19,21 @@ from typing import Any
 
 from rich.table import Table
 
-from edgecut.sweep.records import Cell, Link, Measurement
+from edgecut.apps.sweep.records import Cell, Link, Measurement
 
 REGRET_TARGET = 1.05
 BASELINE_TARGET = 1.00
 OVERHEAD_TARGET = 1.05
-PARTS = ("edge_ms", "encode_ms", "wire_ms", "server_queue_ms", "server_decode_ms",
-         "server_compute_ms", "server_encode_ms", "decode_ms")
+PARTS = (
+    "edge_ms",
+    "encode_ms",
+    "wire_ms",
+    "server_queue_ms",
+    "server_decode_ms",
+    "server_compute_ms",
+    "server_encode_ms",
+    "decode_ms",
+)
 
 
 @dataclass(frozen=True)
@@ -72,8 +80,7 @@ class LinkSummary:
     @property
     def same_choice(self) -> bool:
         """Auto chose the (cut, codec) that measured best: any regret left is run-to-run noise."""
-        return (self.auto.cell.cut, self.auto.cell.codec) == (self.oracle.cell.cut,
-                                                              self.oracle.cell.codec)
+        return (self.auto.cell.cut, self.auto.cell.codec) == (self.oracle.cell.cut, self.oracle.cell.codec)
 
     @property
     def speedup_vs_cloud(self) -> float:
@@ -99,11 +106,18 @@ def _stats(link: Link, cell: Cell, group: list[Measurement]) -> CellStats:
     ok = [m for m in group if m.ok]
     cloud = [m for m in ok if m.where == "cloud"]
     return CellStats(
-        link, cell, len(ok), len(group) - len(ok), _median(m.total_ms for m in ok),
+        link,
+        cell,
+        len(ok),
+        len(group) - len(ok),
+        _median(m.total_ms for m in ok),
         {p: _median(getattr(m, p) for m in ok) for p in PARTS},
-        _median(m.bytes_up for m in ok), _median(m.bytes_down for m in ok),
-        sum(m.agrees for m in ok) / len(ok) if ok else math.nan, group[0].predicted_ms,
-        _median(overhead(m) for m in cloud))
+        _median(m.bytes_up for m in ok),
+        _median(m.bytes_down for m in ok),
+        sum(m.agrees for m in ok) / len(ok) if ok else math.nan,
+        group[0].predicted_ms,
+        _median(overhead(m) for m in cloud),
+    )
 
 
 def link_summaries(rows: Sequence[Measurement], cells: Sequence[CellStats]) -> list[LinkSummary]:
@@ -139,8 +153,7 @@ def totals(cells: Sequence[CellStats], links: Sequence[LinkSummary]) -> dict[str
         "vs_baselines_within_target": sum(s.vs_baselines <= BASELINE_TARGET for s in links),
         "vs_baselines_target": BASELINE_TARGET,
         "speedup_vs_cloud_only_mean": statistics.fmean(speedups) if speedups else math.nan,
-        "speedup_vs_cloud_only_geomean": statistics.geometric_mean(speedups) if speedups
-        else math.nan,
+        "speedup_vs_cloud_only_geomean": statistics.geometric_mean(speedups) if speedups else math.nan,
         "overhead_median": _median(overheads),
         "overhead_max": max(overheads, default=math.nan),
         "overhead_target": OVERHEAD_TARGET,
@@ -152,44 +165,88 @@ def totals(cells: Sequence[CellStats], links: Sequence[LinkSummary]) -> dict[str
 
 def summary_json(cells: Sequence[CellStats], links: Sequence[LinkSummary]) -> dict[str, Any]:
     """Everything the table shows, plus every cell, for results.json and `--json`."""
+
     def cell(c: CellStats) -> dict[str, Any]:
-        return {"bandwidth": c.link.bandwidth, "rtt_ms": c.link.rtt_ms, "cut": c.cell.cut,
-                "codec": c.cell.codec, "role": c.cell.role, "ok": c.ok, "failed": c.failed,
-                "total_ms": _r(c.total_ms), "predicted_ms": _r(c.predicted_ms),
-                "prediction_error_pct": _r(c.error_pct),
-                "parts_ms": {k: _r(v) for k, v in c.parts_ms.items()},
-                "bytes_up": _r(c.bytes_up), "bytes_down": _r(c.bytes_down),
-                "top1_agreement": _r(c.agreement), "overhead": _r(c.overhead)}
+        return {
+            "bandwidth": c.link.bandwidth,
+            "rtt_ms": c.link.rtt_ms,
+            "cut": c.cell.cut,
+            "codec": c.cell.codec,
+            "role": c.cell.role,
+            "ok": c.ok,
+            "failed": c.failed,
+            "total_ms": _r(c.total_ms),
+            "predicted_ms": _r(c.predicted_ms),
+            "prediction_error_pct": _r(c.error_pct),
+            "parts_ms": {k: _r(v) for k, v in c.parts_ms.items()},
+            "bytes_up": _r(c.bytes_up),
+            "bytes_down": _r(c.bytes_down),
+            "top1_agreement": _r(c.agreement),
+            "overhead": _r(c.overhead),
+        }
 
     def link(s: LinkSummary) -> dict[str, Any]:
-        return {"bandwidth": s.link.bandwidth, "rtt_ms": s.link.rtt_ms,
-                "auto": s.auto.cell.label, "auto_ms": _r(s.auto.total_ms),
-                "auto_predicted_ms": _r(s.auto.predicted_ms), "oracle": s.oracle.cell.label,
-                "oracle_ms": _r(s.oracle.total_ms), "regret": _r(s.regret),
-                "auto_chose_oracle_cut": s.same_choice,
-                "edge_only_ms": _r(s.edge_only.total_ms),
-                "cloud_only_ms": _r(s.cloud_only.total_ms),
-                "auto_vs_best_baseline": _r(s.vs_baselines),
-                "speedup_vs_cloud_only": _r(s.speedup_vs_cloud), "overhead": _r(s.overhead)}
+        return {
+            "bandwidth": s.link.bandwidth,
+            "rtt_ms": s.link.rtt_ms,
+            "auto": s.auto.cell.label,
+            "auto_ms": _r(s.auto.total_ms),
+            "auto_predicted_ms": _r(s.auto.predicted_ms),
+            "oracle": s.oracle.cell.label,
+            "oracle_ms": _r(s.oracle.total_ms),
+            "regret": _r(s.regret),
+            "auto_chose_oracle_cut": s.same_choice,
+            "edge_only_ms": _r(s.edge_only.total_ms),
+            "cloud_only_ms": _r(s.cloud_only.total_ms),
+            "auto_vs_best_baseline": _r(s.vs_baselines),
+            "speedup_vs_cloud_only": _r(s.speedup_vs_cloud),
+            "overhead": _r(s.overhead),
+        }
 
-    return {"totals": {k: _r(v) for k, v in totals(cells, links).items()},
-            "links": [link(s) for s in links], "cells": [cell(c) for c in cells]}
+    return {
+        "totals": {k: _r(v) for k, v in totals(cells, links).items()},
+        "links": [link(s) for s in links],
+        "cells": [cell(c) for c in cells],
+    }
 
 
 def table(links: Sequence[LinkSummary], title: str) -> Table:
     """The summary table printed at the end of every sweep; misses of a target in red."""
-    t = Table(title=title, caption="ms = median end-to-end latency; auto ÷ base = auto / "
-                                   "min(edge-only, cloud-only); × cloud = cloud-only / auto")
-    for name in ("link", "auto", "ms", "predicted", "oracle", "ms ", "regret", "edge-only",
-                 "cloud-only", "auto ÷ base", "× cloud", "overhead"):
-        t.add_column(name, justify="left" if name in ("link", "auto", "oracle") else "right",
-                     no_wrap=True)
+    t = Table(
+        title=title,
+        caption="ms = median end-to-end latency; auto ÷ base = auto / "
+        "min(edge-only, cloud-only); × cloud = cloud-only / auto",
+    )
+    for name in (
+        "link",
+        "auto",
+        "ms",
+        "predicted",
+        "oracle",
+        "ms ",
+        "regret",
+        "edge-only",
+        "cloud-only",
+        "auto ÷ base",
+        "× cloud",
+        "overhead",
+    ):
+        t.add_column(name, justify="left" if name in ("link", "auto", "oracle") else "right", no_wrap=True)
     for s in links:
-        t.add_row(s.link.label, s.auto.cell.label, _ms(s.auto.total_ms),
-                  _ms(s.auto.predicted_ms), s.oracle.cell.label, _ms(s.oracle.total_ms),
-                  _flag(s.regret, REGRET_TARGET), _ms(s.edge_only.total_ms),
-                  _ms(s.cloud_only.total_ms), _flag(s.vs_baselines, BASELINE_TARGET),
-                  f"{s.speedup_vs_cloud:.2f}", _flag(s.overhead, OVERHEAD_TARGET))
+        t.add_row(
+            s.link.label,
+            s.auto.cell.label,
+            _ms(s.auto.total_ms),
+            _ms(s.auto.predicted_ms),
+            s.oracle.cell.label,
+            _ms(s.oracle.total_ms),
+            _flag(s.regret, REGRET_TARGET),
+            _ms(s.edge_only.total_ms),
+            _ms(s.cloud_only.total_ms),
+            _flag(s.vs_baselines, BASELINE_TARGET),
+            f"{s.speedup_vs_cloud:.2f}",
+            _flag(s.overhead, OVERHEAD_TARGET),
+        )
     return t
 
 

@@ -14,12 +14,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgecut.sweep.report import PARTS, CellStats, LinkSummary
+from edgecut.apps.sweep.report import PARTS, CellStats, LinkSummary
 
-STAGE_NAMES = {"edge_ms": "edge", "encode_ms": "encode+seal", "wire_ms": "wire",
-               "server_queue_ms": "server queue", "server_decode_ms": "server decode",
-               "server_compute_ms": "server compute", "server_encode_ms": "server encode",
-               "decode_ms": "answer decode"}
+STAGE_NAMES = {
+    "edge_ms": "edge",
+    "encode_ms": "encode+seal",
+    "wire_ms": "wire",
+    "server_queue_ms": "server queue",
+    "server_decode_ms": "server decode",
+    "server_compute_ms": "server compute",
+    "server_encode_ms": "server encode",
+    "decode_ms": "answer decode",
+}
 
 
 def _pyplot() -> Any:
@@ -31,8 +37,9 @@ def _pyplot() -> Any:
     return plt
 
 
-def save_all(cells: Sequence[CellStats], links: Sequence[LinkSummary], out: Path,
-             subtitle: str) -> list[Path]:
+def save_all(
+    cells: Sequence[CellStats], links: Sequence[LinkSummary], out: Path, subtitle: str
+) -> list[Path]:
     """Write the three figures into `out`; returns their paths."""
     paths = [out / "breakdown.png", out / "bytes.png", out / "latency_vs_bandwidth.png"]
     breakdown(cells, paths[0], subtitle)
@@ -46,8 +53,9 @@ def breakdown(cells: Sequence[CellStats], path: Path, subtitle: str) -> None:
     grid = [c for c in cells if c.cell.role == "grid" and c.ok]
     rtts = sorted({c.link.rtt_ms for c in grid})
     bandwidths = sorted({c.link.bandwidth_bps for c in grid})
-    fig, axes = plt.subplots(len(rtts), len(bandwidths), squeeze=False,
-                             figsize=(3.6 * len(bandwidths) + 1, 3.6 * len(rtts) + 1))
+    fig, axes = plt.subplots(
+        len(rtts), len(bandwidths), squeeze=False, figsize=(3.6 * len(bandwidths) + 1, 3.6 * len(rtts) + 1)
+    )
     for row, rtt in enumerate(rtts):
         for col, bps in enumerate(bandwidths):
             ax = axes[row][col]
@@ -67,14 +75,12 @@ def _stack(ax: Any, cells: Sequence[CellStats], legend: bool) -> None:
     x = range(len(cells))
     bottom = [0.0] * len(cells)
     for part in PARTS:
-        values = [max(c.parts_ms[part], 0.0) if math.isfinite(c.parts_ms[part]) else 0.0
-                  for c in cells]
+        values = [max(c.parts_ms[part], 0.0) if math.isfinite(c.parts_ms[part]) else 0.0 for c in cells]
         ax.bar(x, values, bottom=bottom, label=STAGE_NAMES[part], width=0.75)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.plot(x, [c.total_ms for c in cells], "k_", markersize=12, label="measured total")
     ax.plot(x, [c.predicted_ms for c in cells], "rx", label="predicted")
-    ax.set_xticks(list(x), [c.cell.label.replace("/", "\n") for c in cells], fontsize=6,
-                  rotation=90)
+    ax.set_xticks(list(x), [c.cell.label.replace("/", "\n") for c in cells], fontsize=6, rotation=90)
     if legend:
         ax.legend(fontsize=6, loc="upper right")
 
@@ -90,8 +96,12 @@ def bytes_per_cut(cells: Sequence[CellStats], path: Path, subtitle: str) -> None
         ax.plot(xs, [points[cuts[i]] / 1e3 for i in xs], "o-", label=codec)
     jpeg = [c.bytes_up for c in sent if c.cell.cut == cuts[0]]
     if jpeg:
-        ax.axhline(max(jpeg) / 1e3, color="k", linestyle="--",
-                   label=f"cloud-only upload ({sent[0].cell.codec}, input)")
+        ax.axhline(
+            max(jpeg) / 1e3,
+            color="k",
+            linestyle="--",
+            label=f"cloud-only upload ({sent[0].cell.codec}, input)",
+        )
     ax.set_xticks(range(len(cuts)), cuts)
     ax.set_yscale("log")
     ax.set_xlabel("cut (shallow → deep)")
@@ -106,10 +116,13 @@ def bytes_per_cut(cells: Sequence[CellStats], path: Path, subtitle: str) -> None
 def latency_vs_bandwidth(links: Sequence[LinkSummary], path: Path, subtitle: str) -> None:
     plt = _pyplot()
     rtts = sorted({s.link.rtt_ms for s in links})
-    fig, axes = plt.subplots(1, len(rtts), squeeze=False, sharey=True,
-                             figsize=(5.5 * len(rtts), 4.5))
-    series = (("edge-only", "edge_only", "s-"), ("cloud-only (JPEG)", "cloud_only", "o-"),
-              ("auto (optimizer)", "auto", "D-"), ("oracle (best measured)", "oracle", "k:"))
+    fig, axes = plt.subplots(1, len(rtts), squeeze=False, sharey=True, figsize=(5.5 * len(rtts), 4.5))
+    series = (
+        ("edge-only", "edge_only", "s-"),
+        ("cloud-only (JPEG)", "cloud_only", "o-"),
+        ("auto (optimizer)", "auto", "D-"),
+        ("oracle (best measured)", "oracle", "k:"),
+    )
     for ax, rtt in zip(axes[0], rtts, strict=True):
         mine = sorted((s for s in links if s.link.rtt_ms == rtt), key=lambda s: s.link.bandwidth_bps)
         mbit = [s.link.bandwidth_bps / 1e6 for s in mine]

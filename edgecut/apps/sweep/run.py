@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from edgecut.apps.sweep import cloud, config
+from edgecut.apps.sweep.records import Cell, Link, Measurement, RunInfo
 from edgecut.bundle import Bundle, load_bundle
 from edgecut.costs import cut_costs
 from edgecut.edge.agent import Agent, AgentOptions, Result, image_input
@@ -34,8 +36,6 @@ from edgecut.netem import LinkConfig, ThreadedLinkEmulator, parse_address
 from edgecut.planner import CutCost, LinkEstimate, Plan, plan
 from edgecut.profile import Profile
 from edgecut.runtime import OrtOptions
-from edgecut.sweep import cloud, config
-from edgecut.sweep.records import Cell, Link, Measurement, RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,11 @@ class _Edge:
     machine: str
 
 
-def run_sweep(cfg: config.SweepConfig, start: Callable[[int], None], tick: Tick,
-              ) -> tuple[RunInfo, list[Measurement]]:
+def run_sweep(
+    cfg: config.SweepConfig,
+    start: Callable[[int], None],
+    tick: Tick,
+) -> tuple[RunInfo, list[Measurement]]:
     """Validate, spawn or reach the tail, measure everything; `start(total)` once, then `tick`."""
     started, t0 = _now(), time.perf_counter()
     links = cfg.links()
@@ -92,20 +95,37 @@ def run_sweep(cfg: config.SweepConfig, start: Callable[[int], None], tick: Tick,
         load = [os.getloadavg()[0]]
         rows = _measure_all(plans, edge, ep, cfg, tick, load)
     run = RunInfo(
-        command=cfg.command(), started_at=started, wall_s=round(time.perf_counter() - t0, 1),
-        machine=edge.machine, mode=edge.mode, bundle=str(cfg.bundle),
-        model=f"{m.model}:{m.version}", manifest_sha256=bundle.manifest_sha256,
-        edge_profile={"path": str(profile_path), "device": profile.device, "mode": profile.mode,
-                      "scale": profile.scale, "source": profile.source,
-                      "threads": profile.threads},
+        command=cfg.command(),
+        started_at=started,
+        wall_s=round(time.perf_counter() - t0, 1),
+        machine=edge.machine,
+        mode=edge.mode,
+        bundle=str(cfg.bundle),
+        model=f"{m.model}:{m.version}",
+        manifest_sha256=bundle.manifest_sha256,
+        edge_profile={
+            "path": str(profile_path),
+            "device": profile.device,
+            "mode": profile.mode,
+            "scale": profile.scale,
+            "source": profile.source,
+            "threads": profile.threads,
+        },
         edge_runtime=edge.head.name,
-        cloud={"address": ep.address, "spawned": ep.spawned, "device": info.device,
-               "threads": ep.threads, "max_queue_delay_ms": 0 if ep.spawned else None},
+        cloud={
+            "address": ep.address,
+            "spawned": ep.spawned,
+            "device": info.device,
+            "threads": ep.threads,
+            "max_queue_delay_ms": 0 if ep.spawned else None,
+        },
         link_emulator="edgecut.netem user-space TCP proxy on 127.0.0.1, symmetric token bucket "
-                      f"(depth {CHUNK_S * 1e3:g} ms of the rate, >= {MIN_BURST_BYTES} B), "
-                      "RTT/2 added each way",
-        warmup=cfg.warmup, requests=cfg.requests,
-        load_1min=tuple(round(x, 2) for x in [*load, os.getloadavg()[0]]))
+        f"(depth {CHUNK_S * 1e3:g} ms of the rate, >= {MIN_BURST_BYTES} B), "
+        "RTT/2 added each way",
+        warmup=cfg.warmup,
+        requests=cfg.requests,
+        load_1min=tuple(round(x, 2) for x in [*load, os.getloadavg()[0]]),
+    )
     return run, rows
 
 
@@ -123,8 +143,7 @@ def _edge(bundle: Bundle, cfg: config.SweepConfig, profile: Profile) -> _Edge:
     return _Edge(bundle, head, ort, photos, reference, mode, machine())
 
 
-def _plan_link(link: Link, costs: Sequence[CutCost], queue_ms: float,
-               base: Sequence[Cell]) -> LinkPlan:
+def _plan_link(link: Link, costs: Sequence[CutCost], queue_ms: float, base: Sequence[Cell]) -> LinkPlan:
     estimate = LinkEstimate(link.bandwidth_bps, link.bandwidth_bps, link.rtt_ms, queue_ms)
     chosen = plan(costs, estimate)
     c = chosen.chosen.cost
@@ -132,13 +151,20 @@ def _plan_link(link: Link, costs: Sequence[CutCost], queue_ms: float,
     cells = list(base)
     if Cell(auto.cut, auto.codec) not in cells:
         cells.insert(-1, Cell(auto.cut, auto.codec))
-    log.info("%s: optimizer chooses %s (%.1f ms predicted)", link.label, auto.label,
-             chosen.chosen.predicted_ms)
+    log.info(
+        "%s: optimizer chooses %s (%.1f ms predicted)", link.label, auto.label, chosen.chosen.predicted_ms
+    )
     return LinkPlan(link, chosen, (*cells, auto))
 
 
-def _measure_all(plans: Sequence[LinkPlan], edge: _Edge, ep: cloud.Endpoint,
-                 cfg: config.SweepConfig, tick: Tick, load: list[float]) -> list[Measurement]:
+def _measure_all(
+    plans: Sequence[LinkPlan],
+    edge: _Edge,
+    ep: cloud.Endpoint,
+    cfg: config.SweepConfig,
+    tick: Tick,
+    load: list[float],
+) -> list[Measurement]:
     """One emulator for the whole sweep, re-tuned per link; one fresh session per link.
 
     `load` gets the 1-minute load average at each link's start: on a shared machine it says how
@@ -150,10 +176,16 @@ def _measure_all(plans: Sequence[LinkPlan], edge: _Edge, ep: cloud.Endpoint,
         for lp in plans:
             load.append(os.getloadavg()[0])
             emulator.set_config(_link_config(lp.link))
-            session = TailSession(SessionConfig(
-                f"{host}:{port}", load_service_public(ep.server_pub), edge.bundle.manifest.model,
-                edge.bundle.manifest.version, deadline_ms=DEADLINE_MS,
-                connect_timeout_ms=DEADLINE_MS))
+            session = TailSession(
+                SessionConfig(
+                    f"{host}:{port}",
+                    load_service_public(ep.server_pub),
+                    edge.bundle.manifest.model,
+                    edge.bundle.manifest.version,
+                    deadline_ms=DEADLINE_MS,
+                    connect_timeout_ms=DEADLINE_MS,
+                )
+            )
             session.connect()
             try:
                 rows += _measure_link(lp, edge, session, cfg, tick)
@@ -168,8 +200,9 @@ def _link_config(link: Link) -> LinkConfig:
     return LinkConfig(link.bandwidth_bps, link.bandwidth_bps, link.rtt_ms, burst_bytes=burst)
 
 
-def _measure_link(lp: LinkPlan, edge: _Edge, session: TailSession, cfg: config.SweepConfig,
-                  tick: Tick) -> list[Measurement]:
+def _measure_link(
+    lp: LinkPlan, edge: _Edge, session: TailSession, cfg: config.SweepConfig, tick: Tick
+) -> list[Measurement]:
     """warm-up + timed rounds; each round sends the same photo once through every run.
 
     Interleaving rounds (and rotating which run goes first) spreads any slow spell of a shared
@@ -190,12 +223,16 @@ def _measure_link(lp: LinkPlan, edge: _Edge, session: TailSession, cfg: config.S
 class _CellRun:
     """One run: a FixedCut agent for the cell and the rows its timed requests produced."""
 
-    def __init__(self, lp: LinkPlan, cell: Cell, edge: _Edge, session: TailSession,
-                 warmup: int) -> None:
+    def __init__(self, lp: LinkPlan, cell: Cell, edge: _Edge, session: TailSession, warmup: int) -> None:
         self.lp, self.cell, self.edge, self.warmup = lp, cell, edge, warmup
-        self.agent = Agent(edge.bundle, edge.head, edge.tail, session,
-                           FixedCut(edge.bundle, cell.cut, cell.codec),
-                           AgentOptions(in_flight=1, fallback="fail"))
+        self.agent = Agent(
+            edge.bundle,
+            edge.head,
+            edge.tail,
+            session,
+            FixedCut(edge.bundle, cell.cut, cell.codec),
+            AgentOptions(in_flight=1, fallback="fail"),
+        )
         self.what = f"{lp.link.label} {cell.label}" + (" (auto)" if cell.role == "auto" else "")
         self.predicted = lp.predicted_ms(cell)
         self.rows: list[Measurement] = []
@@ -203,28 +240,54 @@ class _CellRun:
     def emit(self, result: Result) -> None:
         if result.position >= self.warmup:
             ref = self.edge.reference[result.position % len(self.edge.photos)]
-            self.rows.append(_row(self.lp.link, self.cell, result, result.position - self.warmup,
-                                  ref, self.predicted, self.edge))
+            self.rows.append(
+                _row(
+                    self.lp.link,
+                    self.cell,
+                    result,
+                    result.position - self.warmup,
+                    ref,
+                    self.predicted,
+                    self.edge,
+                )
+            )
 
 
-def _row(link: Link, cell: Cell, r: Result, index: int, reference: int, predicted: float,
-         edge: _Edge) -> Measurement:
+def _row(
+    link: Link, cell: Cell, r: Result, index: int, reference: int, predicted: float, edge: _Edge
+) -> Measurement:
     t = r.timings_ms
     nan = math.nan
     total = t.get("total_ms", nan)
     return Measurement(
-        bandwidth=link.bandwidth, bandwidth_bps=link.bandwidth_bps, rtt_ms=link.rtt_ms,
-        role=cell.role, cut=cell.cut, codec=cell.codec, request=index, input=r.input,
-        where=r.where, mode=edge.mode, machine=edge.machine, at=_now(),
-        edge_ms=t.get("edge_ms", nan), encode_ms=t.get("encode_ms", 0.0),
-        wire_ms=t.get("wire_ms", 0.0), server_queue_ms=t.get("server_queue_ms", 0.0),
+        bandwidth=link.bandwidth,
+        bandwidth_bps=link.bandwidth_bps,
+        rtt_ms=link.rtt_ms,
+        role=cell.role,
+        cut=cell.cut,
+        codec=cell.codec,
+        request=index,
+        input=r.input,
+        where=r.where,
+        mode=edge.mode,
+        machine=edge.machine,
+        at=_now(),
+        edge_ms=t.get("edge_ms", nan),
+        encode_ms=t.get("encode_ms", 0.0),
+        wire_ms=t.get("wire_ms", 0.0),
+        server_queue_ms=t.get("server_queue_ms", 0.0),
         server_decode_ms=t.get("server_decode_ms", 0.0),
         server_compute_ms=t.get("server_compute_ms", 0.0),
         server_encode_ms=t.get("server_encode_ms", 0.0),
-        decode_ms=total - t["answer_ms"] if "answer_ms" in t else 0.0, total_ms=total,
-        bytes_up=r.bytes_up, bytes_down=r.bytes_down,
-        top1=r.top5[0][0] if r.top5 else -1, top1_reference=reference,
-        predicted_ms=predicted, error=r.error or "")
+        decode_ms=total - t["answer_ms"] if "answer_ms" in t else 0.0,
+        total_ms=total,
+        bytes_up=r.bytes_up,
+        bytes_down=r.bytes_down,
+        top1=r.top5[0][0] if r.top5 else -1,
+        top1_reference=reference,
+        predicted_ms=predicted,
+        error=r.error or "",
+    )
 
 
 def machine() -> str:
@@ -232,12 +295,10 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {platform.system()} "
-            f"{platform.release()}")
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
 def _now() -> str:

@@ -1,6 +1,6 @@
 """`edgecut bench sweep BUNDLE …`: flags → SweepConfig → measure → results, plots and a summary.
 
-The work lives in `edgecut.sweep`; this module only translates the command line, shows progress
+The work lives in `edgecut.apps.sweep`; this module only translates the command line, shows progress
 on stderr (stdout stays clean for `--json`) and prints the summary.
 """
 
@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from edgecut.sweep.records import Measurement, RunInfo
+    from edgecut.apps.sweep.records import Measurement, RunInfo
 
 log = logging.getLogger(__name__)
 
 # --quick: a CI smoke test: one link, cloud-only + one inner cut + edge-only, two requests each
 QUICK: dict[str, Any] = {"bandwidth": "32mbit", "rtt": "5ms", "requests": 2, "warmup": 1}
-DEFAULTS: dict[str, Any] = {"bandwidth": "0.5,2,8,32,128mbit", "rtt": "5,40ms", "requests": 10,
-                            "warmup": 2}
+DEFAULTS: dict[str, Any] = {"bandwidth": "0.5,2,8,32,128mbit", "rtt": "5,40ms", "requests": 10, "warmup": 2}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,31 +27,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("sweep", help="measure every cut × codec × link through the real pipeline")
     p.add_argument("bundle", type=Path, help="bundle directory")
     p.add_argument("--out", type=Path, required=True, help="directory for results and plots")
-    p.add_argument("--bandwidth", help="each way, comma separated; bare numbers take the last "
-                                       f"unit (default {DEFAULTS['bandwidth']})")
+    p.add_argument(
+        "--bandwidth",
+        help=f"each way, comma separated; bare numbers take the last unit (default {DEFAULTS['bandwidth']})",
+    )
     p.add_argument("--rtt", help=f"added round-trip times (default {DEFAULTS['rtt']})")
     p.add_argument("--codec", default="int8,int4", help="codecs at inner cuts (default int8,int4)")
-    p.add_argument("--cuts", help="inner cuts to sweep, comma separated (default: 4 evenly "
-                                  "spaced, the deepest included); input and output always run")
-    p.add_argument("--edge-profile", type=Path,
-                   help="edge timings to plan with (default: the bundle's profiles/*.json)")
-    p.add_argument("--pace", action="store_true",
-                   help="replay edge compute at the profile's speed (rows say paced:<device>)")
+    p.add_argument(
+        "--cuts",
+        help="inner cuts to sweep, comma separated (default: 4 evenly "
+        "spaced, the deepest included); input and output always run",
+    )
+    p.add_argument(
+        "--edge-profile", type=Path, help="edge timings to plan with (default: the bundle's profiles/*.json)"
+    )
+    p.add_argument(
+        "--pace",
+        action="store_true",
+        help="replay edge compute at the profile's speed (rows say paced:<device>)",
+    )
     p.add_argument("--edge-threads", type=int, default=1, help="edge ORT threads (default 1)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--cloud", metavar="HOST:PORT", help="a running tail service")
-    where.add_argument("--spawn-cloud", action="store_true",
-                       help="spawn a tail service on 127.0.0.1 for the run (the default)")
+    where.add_argument(
+        "--spawn-cloud",
+        action="store_true",
+        help="spawn a tail service on 127.0.0.1 for the run (the default)",
+    )
     p.add_argument("--server-key", type=Path, help="with --cloud: its service.pub")
-    p.add_argument("--cloud-threads", type=int, default=1,
-                   help="ORT threads of a spawned service (default 1; 0 = all cores)")
+    p.add_argument(
+        "--cloud-threads",
+        type=int,
+        default=1,
+        help="ORT threads of a spawned service (default 1; 0 = all cores)",
+    )
     p.add_argument("--images", type=Path, help="photos directory (default: scikit-image samples)")
-    p.add_argument("--requests", type=int, help=f"timed requests per run (default "
-                                                f"{DEFAULTS['requests']})")
-    p.add_argument("--warmup", type=int, help=f"untimed requests first (default "
-                                              f"{DEFAULTS['warmup']})")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: 32mbit/5ms, input + one inner cut + output, 2 requests")
+    p.add_argument("--requests", type=int, help=f"timed requests per run (default {DEFAULTS['requests']})")
+    p.add_argument("--warmup", type=int, help=f"untimed requests first (default {DEFAULTS['warmup']})")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 32mbit/5ms, input + one inner cut + output, 2 requests",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
     r = sub.add_parser("report", help="redraw the plots and summary from a sweep's results.json")
@@ -62,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
+    from edgecut.apps.sweep.config import SweepConfig, inner_cuts, split_list
     from edgecut.bundle import load_bundle
-    from edgecut.sweep.config import SweepConfig, inner_cuts, split_list
 
     preset = QUICK if args.quick else DEFAULTS
     value = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
@@ -75,34 +91,46 @@ def config_from_args(args: argparse.Namespace) -> Any:
             inner = inner_cuts(load_bundle(args.bundle).manifest, ())
             cuts = tuple(inner[len(inner) // 2 : len(inner) // 2 + 1])
     return SweepConfig(
-        bundle=args.bundle, out=args.out, bandwidths=split_list(value["bandwidth"]),
-        rtts=split_list(value["rtt"]), codecs=codecs, cuts=cuts, edge_profile=args.edge_profile,
-        pace=args.pace, edge_threads=args.edge_threads, cloud=args.cloud,
-        server_key=args.server_key, cloud_threads=args.cloud_threads, images=args.images,
-        warmup=value["warmup"], requests=value["requests"])
+        bundle=args.bundle,
+        out=args.out,
+        bandwidths=split_list(value["bandwidth"]),
+        rtts=split_list(value["rtt"]),
+        codecs=codecs,
+        cuts=cuts,
+        edge_profile=args.edge_profile,
+        pace=args.pace,
+        edge_threads=args.edge_threads,
+        cloud=args.cloud,
+        server_key=args.server_key,
+        cloud_threads=args.cloud_threads,
+        images=args.images,
+        warmup=value["warmup"],
+        requests=value["requests"],
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edgecut.sweep import records
-    from edgecut.sweep.run import run_sweep
+    from edgecut.apps.sweep import records
+    from edgecut.apps.sweep.run import run_sweep
 
     cfg = config_from_args(args)
-    columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
+    columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("starting", total=None)
         info, rows = run_sweep(
-            cfg, start=lambda total: progress.update(task, total=total),
-            tick=lambda what: progress.update(task, advance=1, description=what))
+            cfg,
+            start=lambda total: progress.update(task, total=total),
+            tick=lambda what: progress.update(task, advance=1, description=what),
+        )
     records.save_csv(rows, cfg.out / "results.csv")
     return publish(info, rows, cfg.out, args.json)
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from edgecut.sweep import records
+    from edgecut.apps.sweep import records
 
     info, rows = records.load_json(args.out / "results.json")
     return publish(info, rows, args.out, args.json)
@@ -110,8 +138,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 def publish(info: RunInfo, rows: list[Measurement], out: Path, as_json: bool) -> int:
     """Summary into results.json, the three PNGs, and the table (or JSON) on stdout."""
-    from edgecut.cli import stdout_console
-    from edgecut.sweep import plots, records, report
+    from edgecut.apps.sweep import plots, records, report
+    from edgecut.console import stdout_console
 
     cells = report.cell_stats(rows)
     links = report.link_summaries(rows, cells)
@@ -121,17 +149,33 @@ def publish(info: RunInfo, rows: list[Measurement], out: Path, as_json: bool) ->
     subtitle = f"{info.model}, edge {info.mode}{planned}, cloud {info.cloud['threads']} thread(s)"
     pngs = plots.save_all(cells, links, out, subtitle)
     if as_json:
-        print(json.dumps({"out": str(out), "run": {"mode": info.mode, "wall_s": info.wall_s},
-                          **{k: summary[k] for k in ("totals", "links")}}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "out": str(out),
+                    "run": {"mode": info.mode, "wall_s": info.wall_s},
+                    **{k: summary[k] for k in ("totals", "links")},
+                },
+                indent=1,
+            )
+        )
     else:
         console = stdout_console()
-        console.print(report.table(links, f"{info.model}: edge {info.mode}, cloud "
-                                          f"{info.cloud['device']} — median of {info.requests} "
-                                          "requests per run"))
+        console.print(
+            report.table(
+                links,
+                f"{info.model}: edge {info.mode}, cloud "
+                f"{info.cloud['device']} — median of {info.requests} "
+                "requests per run",
+            )
+        )
         for line in report.footer(summary["totals"]):
             console.print(line, highlight=False)
-        console.print(f"{len(rows)} requests in {info.wall_s:.0f} s → {out}/results.csv, "
-                      f"results.json, {', '.join(p.name for p in pngs)}", highlight=False)
+        console.print(
+            f"{len(rows)} requests in {info.wall_s:.0f} s → {out}/results.csv, "
+            f"results.json, {', '.join(p.name for p in pngs)}",
+            highlight=False,
+        )
     failed = summary["totals"]["failed_requests"]
     if failed:
         log.error("%d request(s) failed; see the error column of results.csv", failed)

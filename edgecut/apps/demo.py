@@ -13,14 +13,8 @@ import argparse
 import contextlib
 import logging
 import os
-import queue
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,8 +22,9 @@ from rich.console import Console
 from rich.table import Table
 
 from edgecut.bundle import Bundle, load_bundle
-from edgecut.cli import stdout_console
-from edgecut.errors import EdgecutError, UsageError
+from edgecut.cloud.spawn import tail_service
+from edgecut.console import stdout_console
+from edgecut.errors import EdgecutError
 
 if TYPE_CHECKING:
     from edgecut.edge.agent import Result
@@ -37,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODEL = "efficientnet-lite0"
-READY_TIMEOUT_S = 120.0  # the service loads and warms up every bundle before `listening`
 
 
 def cache_dir() -> Path:
@@ -67,54 +61,6 @@ def cached_bundle(root: Path) -> Bundle:
     return load_bundle(target)
 
 
-@contextlib.contextmanager
-def tail_service(bundles: Path, key: Path, *extra: str) -> Iterator[str]:
-    """Run `edgecut cloud serve` as a subprocess; yield its HOST:PORT once it says `listening`."""
-    cmd = [sys.executable, "-m", "edgecut.cli", "cloud", "serve", "--bundles", str(bundles),
-           "--key", str(key), "--port", "0", "--poll-interval-s", "0", "--grace-s", "1", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        yield _wait_listening(proc)
-    finally:
-        stop_process(proc)
-
-
-def _wait_listening(proc: subprocess.Popen[str]) -> str:
-    """Read stdout lines in a thread until `listening HOST:PORT` or the process dies."""
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_pump, args=(proc, lines), daemon=True).start()
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            line = lines.get(timeout=left)
-        except queue.Empty:
-            break
-        if line is None:
-            err = proc.stderr.read() if proc.stderr else ""
-            tail = err.strip().splitlines()[-1:] or ["no output"]
-            raise UsageError(f"tail service exited before listening: {tail[0]}")
-        if line.startswith("listening "):
-            return line.split()[1]
-    raise UsageError(f"tail service did not report `listening` within {READY_TIMEOUT_S:.0f} s")
-
-
-def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
-    for line in proc.stdout or ():
-        lines.put(line.strip())
-    lines.put(None)
-
-
-def stop_process(proc: subprocess.Popen[str], timeout_s: float = 10.0) -> None:
-    """SIGTERM (the service drains), then SIGKILL if it does not exit in time."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _runs(bundle: Bundle) -> list[tuple[str, str]]:
     """Three cuts: the cloud-only JPEG baseline, a middle cut and the deepest one, int8."""
     inner = [c.id for c in bundle.manifest.cuts[1:-1]]
@@ -124,7 +70,7 @@ def _runs(bundle: Bundle) -> list[tuple[str, str]]:
 def run_demo(console: Console) -> list[Result]:
     """Do the whole demo and return the agent's results (for the table)."""
     from edgecut.edge.agent import image_input
-    from edgecut.edge.cli import EdgeConfig, start_agent
+    from edgecut.edge.startup import EdgeConfig, start_agent
     from edgecut.images import sample_photos
     from edgecut.keys import generate_keys
 
@@ -140,30 +86,56 @@ def run_demo(console: Console) -> list[Result]:
         console.log(f"tail service listening on {address} (a separate process)")
         for cut, codec_name in _runs(bundle):
             # One request at a time, so each row is one request's latency, not queueing.
-            config = EdgeConfig(bundle=bundle.root, server=address, server_key=keys.service_pub,
-                                cut=cut, codec=codec_name, fallback="fail", in_flight=1)
-            with console.status(f"edge agent at cut {cut} ({codec_name})…"), \
-                    start_agent(config) as agent:
+            config = EdgeConfig(
+                bundle=bundle.root,
+                server=address,
+                server_key=keys.service_pub,
+                cut=cut,
+                codec=codec_name,
+                fallback="fail",
+                in_flight=1,
+            )
+            with console.status(f"edge agent at cut {cut} ({codec_name})…"), start_agent(config) as agent:
                 agent.run([image_input(0, *photos[0])], lambda r: None)  # warm-up, not shown
-                agent.run([image_input(i, n, im) for i, (n, im) in enumerate(photos)],
-                          results.append)
+                agent.run([image_input(i, n, im) for i, (n, im) in enumerate(photos)], results.append)
         console.log("stopping the tail service")
     return results
 
 
 def table(results: list[Result]) -> Table:
-    t = Table(title="edgecut demo: EfficientNet-Lite0 split between this process and a tail "
-                    "service on loopback")
-    for name in ("image", "top-1", "cut", "codec", "where", "bytes up", "edge ms", "wire ms",
-                 "server ms", "total ms"):
+    t = Table(
+        title="edgecut demo: EfficientNet-Lite0 split between this process and a tail service on loopback"
+    )
+    for name in (
+        "image",
+        "top-1",
+        "cut",
+        "codec",
+        "where",
+        "bytes up",
+        "edge ms",
+        "wire ms",
+        "server ms",
+        "total ms",
+    ):
         t.add_column(name, justify="right" if "ms" in name or "bytes" in name else "left")
     for r in results:
         tm = r.timings_ms
-        label = "error: " + (r.error or "") if r.where == "failed" else (
-            r.top5[0][1] or f"class {r.top5[0][0]}")
-        t.add_row(r.input, label, r.cut or "", r.codec or "", r.where, f"{r.bytes_up:,}",
-                  f"{tm.get('edge_ms', 0):.1f}", f"{tm.get('wire_ms', 0):.1f}",
-                  f"{tm.get('server_ms', 0):.1f}", f"{tm.get('total_ms', 0):.1f}")
+        label = (
+            "error: " + (r.error or "") if r.where == "failed" else (r.top5[0][1] or f"class {r.top5[0][0]}")
+        )
+        t.add_row(
+            r.input,
+            label,
+            r.cut or "",
+            r.codec or "",
+            r.where,
+            f"{r.bytes_up:,}",
+            f"{tm.get('edge_ms', 0):.1f}",
+            f"{tm.get('wire_ms', 0):.1f}",
+            f"{tm.get('server_ms', 0):.1f}",
+            f"{tm.get('total_ms', 0):.1f}",
+        )
     return t
 
 
@@ -178,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
     results = run_demo(console)
     console.print(table(results))
     failed = sum(1 for r in results if r.where == "failed")
-    console.print(f"{len(results)} results, {failed} failed, in {time.perf_counter() - t0:.1f} s. "
-                  "One request in flight, after one warm-up request per cut; live timings on this "
-                  "machine (edge and tail share its cores). Bytes up are sealed frames.")
+    console.print(
+        f"{len(results)} results, {failed} failed, in {time.perf_counter() - t0:.1f} s. "
+        "One request in flight, after one warm-up request per cut; live timings on this "
+        "machine (edge and tail share its cores). Bytes up are sealed frames."
+    )
     return 1 if failed else 0

@@ -125,14 +125,11 @@ def save_csv(rows: Sequence[Measurement], path: Path) -> None:
             writer.writerow({k: _round(v) for k, v in asdict(row).items()})
 
 
-def save_json(info: RunInfo, summary: Mapping[str, Any], rows: Sequence[Measurement],
-              path: Path) -> None:
+def save_json(info: RunInfo, summary: Mapping[str, Any], rows: Sequence[Measurement], path: Path) -> None:
     """The run description, the summary figures and every measurement, in one file."""
-    head = json.dumps({"run": asdict(info), "summary": summary}, indent=1, allow_nan=False,
-                      default=str)
+    head = json.dumps({"run": asdict(info), "summary": summary}, indent=1, allow_nan=False, default=str)
     # One compact line per measurement: a tenth of the size, and still diffable line by line.
-    lines = [json.dumps({k: _round(v) for k, v in asdict(r).items()}, allow_nan=False)
-             for r in rows]
+    lines = [json.dumps({k: _round(v) for k, v in asdict(r).items()}, allow_nan=False) for r in rows]
     with _open(path) as out:
         out.write(head[:-2] + ',\n "measurements": [\n  ' + ",\n  ".join(lines) + "\n ]\n}\n")
 
