@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecut.cloud.config import ServeConfig
+from edgecut.errors import UsageError
 
 # flag dest -> ServeConfig field, for flags whose value passes straight through
 _FIELDS = (
@@ -57,6 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--signing-pub", type=Path, help="require bundles signed by this Ed25519 key")
     p.add_argument("--poll-interval-s", type=float, help="bundle directory rescan period, s")
     p.add_argument("--grace-s", type=float, help="drain period on SIGTERM, s (default 10)")
+    r = p.add_argument_group("Ray Serve (needs edgecut[ray]; joins RAY_ADDRESS or starts a local cluster)")
+    r.add_argument("--ray", action="store_true", help="serve through Ray Serve's gRPC proxy on --port")
+    r.add_argument("--ray-replicas", default="1:4", help="MIN:MAX replicas for the autoscaler (default 1:4)")
+    r.add_argument(
+        "--ray-target-streams", type=float, default=2.0, help="open streams per replica to aim for"
+    )
+    r.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs reserved per replica (default 1)")
+    r.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs per replica, fractions share one")
     p.set_defaults(func=run)
 
 
@@ -70,9 +79,26 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgecut.cloud.service import serve  # grpc and ORT load only when serving
-
     def ready(host: str, port: int) -> None:
         print(f"listening {host}:{port}", flush=True)
 
+    if args.ray:
+        from edgecut.cloud import ray_serve
+
+        return ray_serve.run(config_from_args(args), _ray_scaling(args, ray_serve.RayScaling), on_ready=ready)
+    from edgecut.cloud.service import serve  # grpc and ORT load only when serving
+
     return asyncio.run(serve(config_from_args(args), on_ready=ready))
+
+
+def _ray_scaling(args: argparse.Namespace, scaling: Any) -> Any:
+    low, sep, high = args.ray_replicas.partition(":")
+    if not sep or not low.isdigit() or not high.isdigit():
+        raise UsageError(f"--ray-replicas {args.ray_replicas!r}: expected MIN:MAX, e.g. 1:4")
+    return scaling(
+        min_replicas=int(low),
+        max_replicas=int(high),
+        target_ongoing_requests=args.ray_target_streams,
+        num_cpus=args.ray_cpus,
+        num_gpus=args.ray_gpus,
+    )

@@ -362,6 +362,23 @@ async def create_server(
 
     `executor` replaces the ONNX Runtime one (tests use it to gate or count compute).
     """
+    ctx, pool = await build_context(config, executor=executor)
+    server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
+    edgecut_pb2_grpc.add_TailServiceServicer_to_server(TailServicer(ctx), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = _bind(server, config)
+    return TailServer(ctx, server, health_servicer, pool), port
+
+
+async def build_context(
+    config: ServeConfig, *, executor: Executor | None = None
+) -> tuple[_Context, ThreadPoolExecutor]:
+    """Everything a `TailServicer` needs, without a port: `create_server` and Ray Serve replicas.
+
+    Call on the event loop that will serve (the batcher binds to it); the pool runs the batches.
+    """
     key = load_service_private(config.key)
     signing = load_signing_public(config.signing_pub) if config.signing_pub else None
     grants = load_tokens(config.tokens) if config.tokens else None
@@ -398,13 +415,7 @@ async def create_server(
         executor,
         metrics,
     )
-    server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
-    edgecut_pb2_grpc.add_TailServiceServicer_to_server(TailServicer(ctx), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = _bind(server, config)
-    return TailServer(ctx, server, health_servicer, pool), port
+    return ctx, pool
 
 
 def _bind(server: grpc.aio.Server, config: ServeConfig) -> int:
