@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from edgecut import serverinfo
+from edgecut import credentials, serverinfo
 from edgecut.console import stdout_console
 from edgecut.planner import Plan
 
@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--cloud", metavar="HOST:PORT", help="ask a tail service (ServerInfo)")
     where.add_argument("--cloud-profile", type=Path, help="a profile recorded on the server")
+    credentials.add_arguments(p.add_argument_group("with --cloud: TLS and device token"))
     p.add_argument("--bandwidth", required=True, help="e.g. 8mbit, 512kbit (both directions)")
     p.add_argument("--rtt", default="0ms", help="round-trip time, e.g. 40ms")
     p.add_argument("--queue-ms", type=float, default=0.0, help="server queue delay to assume")
@@ -48,7 +49,12 @@ def run(args: argparse.Namespace) -> int:
     cloud = (
         cloud_times_from(load_profile(args.cloud_profile))
         if args.cloud_profile
-        else serverinfo.ask(args.cloud, bundle.manifest.model, bundle.manifest.version).times
+        else serverinfo.ask(
+            args.cloud,
+            bundle.manifest.model,
+            bundle.manifest.version,
+            credentials=credentials.from_args(args),
+        ).times
     )
     costs = cut_costs(bundle, load_profile(args.edge_profile), cloud, args.codec.split(","))
     constraints = Constraints(args.min_cut, args.max_edge_mem, _percent(args.max_accuracy_drop))

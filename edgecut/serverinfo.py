@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import grpc
 
 from edgecut.costs import CloudTimes
-from edgecut.errors import NotFoundError, UnavailableError
+from edgecut.credentials import ClientCredentials
+from edgecut.errors import AuthError, NotFoundError, UnavailableError
 from edgecut.framing import grpc_options
 from edgecut.v1 import edgecut_pb2 as pb
 from edgecut.v1 import edgecut_pb2_grpc
@@ -43,13 +44,24 @@ def tail_info(reply: pb.ServerInfoReply, model: pb.ModelInfo) -> TailInfo:
     )
 
 
-def ask(address: str, model: str, version: str, timeout_s: float = 5.0) -> TailInfo:
-    """One ServerInfo call over a plaintext channel (control traffic, not the data path)."""
-    with grpc.insecure_channel(address, options=grpc_options()) as channel:
+def ask(
+    address: str,
+    model: str,
+    version: str,
+    timeout_s: float = 5.0,
+    credentials: ClientCredentials | None = None,
+) -> TailInfo:
+    """One ServerInfo call (control traffic, not the data path); plaintext without credentials."""
+    credentials = credentials or ClientCredentials()
+    with credentials.channel(address, grpc_options()) as channel:
         stub = edgecut_pb2_grpc.TailServiceStub(channel)
         try:
-            reply = stub.ServerInfo(pb.ServerInfoRequest(), timeout=timeout_s)
+            reply = stub.ServerInfo(pb.ServerInfoRequest(), timeout=timeout_s, metadata=credentials.metadata)
         except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                raise AuthError(
+                    f"tail service {address} refused us: {exc.details()}", hint="--token"
+                ) from None
             raise UnavailableError(f"tail service {address} is unreachable ({exc.code().name})") from None
     where = f"tail service {address}"
     return tail_info(reply, find_model(reply, model, version, where))

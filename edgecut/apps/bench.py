@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgecut import credentials
+
 if TYPE_CHECKING:
     from edgecut.apps.sweep.records import Measurement, RunInfo
 
@@ -55,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="spawn a tail service on 127.0.0.1 for the run (the default)",
     )
     p.add_argument("--server-key", type=Path, help="with --cloud: its service.pub")
+    credentials.add_arguments(p.add_argument_group("with --cloud: TLS and device token"))
     p.add_argument(
         "--cloud-threads",
         type=int,
@@ -102,6 +105,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
         edge_threads=args.edge_threads,
         cloud=args.cloud,
         server_key=args.server_key,
+        token=args.token,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         cloud_threads=args.cloud_threads,
         images=args.images,
         warmup=value["warmup"],

@@ -96,14 +96,14 @@ class TailReplica:
     async def Infer(
         self, request_stream: AsyncIterator[pb.Frame], grpc_context: Any
     ) -> AsyncIterator[pb.Answer]:
-        async for answer in self._servicer.Infer(request_stream, _RayContext(grpc_context)):  # type: ignore[arg-type]
+        async for answer in self._servicer.Infer(request_stream, _RayContext(grpc_context)):
             yield answer
 
     async def Probe(self, request: pb.ProbeRequest, grpc_context: Any) -> pb.ProbeReply:
-        return await self._servicer.Probe(request, _RayContext(grpc_context))  # type: ignore[arg-type]
+        return await self._servicer.Probe(request, _RayContext(grpc_context))
 
     async def ServerInfo(self, request: pb.ServerInfoRequest, grpc_context: Any) -> pb.ServerInfoReply:
-        return await self._servicer.ServerInfo(request, _RayContext(grpc_context))  # type: ignore[arg-type]
+        return await self._servicer.ServerInfo(request, _RayContext(grpc_context))
 
     async def __del__(self) -> None:
         await self._ctx.batcher.close()

@@ -69,6 +69,7 @@ class SessionConfig:
     tls_ca: bytes | None = field(default=None, repr=False)  # PEM roots; None = plaintext channel
     tls_cert: bytes | None = field(default=None, repr=False)  # client cert PEM for mTLS
     tls_key: bytes | None = field(default=None, repr=False)  # client key PEM for mTLS
+    tls_server_name: str = ""  # name the certificate must carry when `target` is a relay; "" = target's
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ class TailSession:
 
     def _open_channel(self) -> grpc.Channel:
         c = self.config
-        options = [
+        options: list[tuple[str, int | str]] = [
             *grpc_options(),
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", int(c.backoff_max_ms)),
@@ -246,6 +247,8 @@ class TailSession:
         if c.tls_ca is None:
             return grpc.insecure_channel(c.target, options=options)
         creds = grpc.ssl_channel_credentials(c.tls_ca, c.tls_key, c.tls_cert)
+        if c.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", c.tls_server_name))
         return grpc.secure_channel(c.target, creds, options=options)
 
     def _check(self, reply: pb.ServerInfoReply) -> ServerDescription:

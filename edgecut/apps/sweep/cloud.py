@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edgecut import serverinfo
 from edgecut.bundle import Bundle
+from edgecut.credentials import ClientCredentials
 from edgecut.errors import ProfileError, UsageError
 from edgecut.netem import parse_address
 from edgecut.serverinfo import TailInfo
@@ -66,9 +67,11 @@ def endpoint(
             yield Endpoint(spawned, keys.service_pub, True, threads)
 
 
-def tail_info(address: str, model: str, version: str) -> TailInfo:
+def tail_info(
+    address: str, model: str, version: str, credentials: ClientCredentials | None = None
+) -> TailInfo:
     """Ask `ServerInfo`; one clear error when unreachable, not serving the model, or unprofiled."""
-    info = serverinfo.ask(address, model, version, timeout_s=INFO_TIMEOUT_S)
+    info = serverinfo.ask(address, model, version, timeout_s=INFO_TIMEOUT_S, credentials=credentials)
     if info.unprofiled:
         raise ProfileError(
             f"tail service {address} reports no timing for segment(s) "

@@ -11,15 +11,17 @@ import logging
 import re
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from edgecut import credentials
 from edgecut.apps.sweep.records import Cell, Link
 from edgecut.bundle import Bundle, Manifest
 from edgecut.codec import CodecSpec
 from edgecut.costs import segment_name
+from edgecut.credentials import ClientCredentials
 from edgecut.errors import ProfileError, UsageError
 from edgecut.netem import parse_bandwidth, parse_duration_ms
 from edgecut.profile import Profile, load_profile
@@ -45,6 +47,10 @@ class SweepConfig:
     edge_threads: int = 1  # ORT intra-op threads of the edge runner
     cloud: str | None = None  # HOST:PORT of a running tail service; None = spawn one
     server_key: Path | None = None  # that service's service.pub (with `cloud`)
+    token: str | None = field(default=None, repr=False)  # with `cloud`: device token
+    tls_ca: Path | None = None  # with `cloud`: PEM roots (TLS); tls_cert/tls_key: mTLS pair
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     cloud_threads: int = 1  # ORT threads of a spawned service (0 = all cores); 1 leaves the
     # other core of a 2-core box to the edge, like two machines, and multi-threaded ORT stalls
     # whenever another process takes one of its cores
@@ -55,8 +61,14 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.requests < 1 or self.warmup < 0:
             raise UsageError(f"--requests must be >= 1 and --warmup >= 0, got {self.requests}, {self.warmup}")
+        if self.cloud is None and (self.token or self.tls_ca or self.tls_cert or self.tls_key):
+            raise UsageError("--token and --tls-* reach a running service: they need --cloud")
         if self.edge_threads < 0 or self.cloud_threads < 0:
             raise UsageError("thread counts must be >= 0")
+
+    def credentials(self) -> ClientCredentials:
+        """TLS and token for `cloud` (empty for a spawned service: plaintext on loopback)."""
+        return credentials.from_files(self.token, self.tls_ca, self.tls_cert, self.tls_key)
 
     def links(self) -> list[Link]:
         """Every bandwidth × RTT pair, parsed (raises UsageError naming the bad one)."""
@@ -96,6 +108,12 @@ class SweepConfig:
             args.append("--pace")
         if self.cloud is not None:
             args += ["--cloud", self.cloud, "--server-key", str(self.server_key)]
+            for flag, path in (
+                ("--tls-ca", self.tls_ca),
+                ("--tls-cert", self.tls_cert),
+                ("--tls-key", self.tls_key),
+            ):
+                args += [flag, str(path)] if path is not None else []  # the token is never recorded
         else:
             args += ["--cloud-threads", str(self.cloud_threads)]
         if self.images is not None:

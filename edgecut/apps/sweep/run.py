@@ -88,7 +88,7 @@ def run_sweep(
     base = config.grid(m, config.inner_cuts(m, cfg.cuts), cfg.codecs)
     edge = _edge(bundle, cfg, profile)
     with cloud.endpoint(bundle, cfg.cloud, cfg.server_key, cfg.cloud_threads) as ep:
-        info = cloud.tail_info(ep.address, m.model, m.version)
+        info = cloud.tail_info(ep.address, m.model, m.version, cfg.credentials())
         costs = cut_costs(bundle, profile, info.times, cfg.codecs)
         plans = [_plan_link(link, costs, info.queue_delay_ms, base) for link in links]
         start(sum(len(p.cells) for p in plans) * (cfg.warmup + cfg.requests))
@@ -172,6 +172,7 @@ def _measure_all(
     """
     rows: list[Measurement] = []
     emulator = ThreadedLinkEmulator(parse_address(ep.address), _link_config(plans[0].link))
+    creds = cfg.credentials()
     with emulator as (host, port):
         for lp in plans:
             load.append(os.getloadavg()[0])
@@ -184,6 +185,11 @@ def _measure_all(
                     edge.bundle.manifest.version,
                     deadline_ms=DEADLINE_MS,
                     connect_timeout_ms=DEADLINE_MS,
+                    token=creds.token,
+                    tls_ca=creds.tls_ca,
+                    tls_cert=creds.tls_cert,
+                    tls_key=creds.tls_key,
+                    tls_server_name=parse_address(ep.address)[0],  # the emulator relays to it
                 )
             )
             session.connect()
