@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 
 from edgecut.cloud.config import ServeConfig
-from edgecut.errors import AuthError, DependencyError, UsageError
+from edgecut.errors import DependencyError, UsageError
 from edgecut.v1 import edgecut_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,11 @@ class _RayContext:
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self._context.set_code(code)
         self._context.set_details(details)
-        raise AuthError(details)
+        raise _Aborted(details)
+
+
+class _Aborted(Exception):
+    """Ends the call with the status set on Ray's context (Ray's proxy sends that status)."""
 
 
 def build_app(args: Mapping[str, Any]) -> Any:
@@ -136,7 +140,8 @@ def build_app(args: Mapping[str, Any]) -> Any:
     """
     serve = _serve()
     serve_args, scaling_args = _split(args)
-    ServeConfig.from_mapping(serve_args, source="ray app")
+    config = ServeConfig.from_mapping(serve_args, source="ray app")
+    _check_ray_fit(config)
     scaling = RayScaling(**scaling_args)
     return serve.deployment(TailReplica).options(**scaling.deployment_options()).bind(serve_args)
 
@@ -153,10 +158,7 @@ def run(
     config: ServeConfig, scaling: RayScaling, on_ready: Callable[[str, int], None] = lambda h, p: None
 ) -> int:
     """`edgecut cloud serve --ray`: join (RAY_ADDRESS) or start a Ray cluster, deploy, serve until SIGTERM."""
-    if config.tls_cert is not None:
-        raise UsageError(
-            "Ray Serve's gRPC proxy has no TLS", hint="terminate TLS in front of it (ingress or mesh)"
-        )
+    _check_ray_fit(config)
     serve = _serve()
     import ray
 
@@ -171,6 +173,19 @@ def run(
     finally:
         ray.shutdown()
     return 0
+
+
+def _check_ray_fit(config: ServeConfig) -> None:
+    """Refuse settings a replica behind Ray's proxy would silently ignore."""
+    if config.tls_cert is not None or config.client_ca is not None:
+        raise UsageError(
+            "Ray Serve's gRPC proxy has no TLS", hint="terminate TLS in front of it (ingress or mesh)"
+        )
+    if config.metrics_port is not None:
+        raise UsageError(
+            "Ray replicas open no Prometheus port of their own (several would share a node)",
+            hint="use Ray's metrics export",
+        )
 
 
 def _wait_for_signal() -> None:

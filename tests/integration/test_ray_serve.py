@@ -137,6 +137,8 @@ def test_bad_app_arguments_fail_before_any_replica_starts(bundles_dir: Path, key
         ray_serve.build_app({**base, "min_replicas": "3", "max_replicas": "1"})
     with pytest.raises(UsageError, match="threads"):
         ray_serve.build_app({**base, "threads": "many"})
+    with pytest.raises(UsageError, match="Prometheus"):  # replicas would ignore it silently
+        ray_serve.build_app({**base, "metrics_port": 9100})
 
 
 def test_cli_rejects_bad_ray_flags_with_one_line(
