@@ -60,8 +60,12 @@ def test_empty_payload_round_trips(pair: KeyPair) -> None:
 
 
 def test_binding_info_golden_bytes() -> None:
-    info = Binding("m", "v1", "", "r").info()
-    assert info == b"edgecut/v1 request\x00\x00\x01m\x00\x02v1\x00\x00\x00\x01r"
+    info = Binding("m", "v1", "", "r", "anonymous", 7, 5).info()
+    assert info == (
+        b"edgecut/v1 request\x00\x00\x01m\x00\x02v1\x00\x00\x00\x01r\x00\x09anonymous"
+        + (7).to_bytes(8, "big")
+        + (5).to_bytes(8, "big")
+    )
     assert Binding("m", "v1", "", "r").response_info().startswith(b"edgecut/v1 response\x00")
 
 
