@@ -38,19 +38,28 @@ from grpc_reflection.v1alpha import reflection
 
 from edgecut import __version__, codec, framing, sealing
 from edgecut.bundle import Bundle, Cut
+from edgecut.cloud.admission import (
+    PROBE_OVERHEAD_BYTES,
+    PROBE_REPLY_FLOOR_BYTES,
+    PROBE_REPLY_RATIO,
+    Caller,
+    Limits,
+    authenticate,
+    check_min_cut,
+    check_rows,
+    peer_host,
+)
 from edgecut.cloud.batcher import Batcher
-from edgecut.cloud.config import DeviceGrant, ServeConfig, find_grant, load_tokens, min_depth
+from edgecut.cloud.config import DeviceGrant, ServeConfig, load_tokens
 from edgecut.cloud.executor import Executor, OrtExecutor
-from edgecut.cloud.limits import ByteBudget, LogLimiter, PerKeyCap, RateLimiter
+from edgecut.cloud.limits import PerKeyCap
 from edgecut.cloud.metrics import ServerMetrics
 from edgecut.cloud.registry import Entry, Registry
 from edgecut.errors import (
     AddressInUseError,
-    AuthError,
     CodecError,
     EdgecutError,
     ForbiddenError,
-    FrameTooLargeError,
     OverloadedError,
     RequestCancelledError,
 )
@@ -70,38 +79,6 @@ MAX_IN_FLIGHT_PER_STREAM = 256  # requests (and unsent answers) one stream may h
 INLINE_OPEN_BYTES = 64 << 10
 INLINE_DECODE_BYTES = 1 << 20
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TailService"].full_name
-PROBE_REPLY_RATIO = 16  # a Probe reply is at most this many times its request's payload...
-PROBE_REPLY_FLOOR_BYTES = 4096  # ...or this many bytes, whichever is larger (RTT probes send nothing)
-PROBE_OVERHEAD_BYTES = 1024  # what a Probe costs in the rate limit besides its payloads
-
-
-@dataclass
-class _Limits:
-    """Server-wide counters shared by all streams (event-loop only)."""
-
-    streams: PerKeyCap
-    in_flight: PerKeyCap
-    decoded: ByteBudget
-    probes: RateLimiter
-    logs: LogLimiter
-
-    @classmethod
-    def of(cls, c: ServeConfig) -> _Limits:
-        return cls(
-            PerKeyCap(c.max_streams_per_device, "open Infer streams"),
-            PerKeyCap(c.max_in_flight_per_device, "requests in progress"),
-            ByteBudget(c.max_decoded_total_bytes, "decoded-bytes budget"),
-            RateLimiter(c.probe_bytes_per_s, 2 * c.max_probe_bytes + c.probe_bytes_per_s),
-            LogLimiter(),
-        )
-
-
-@dataclass(frozen=True)
-class _Caller:
-    """Who is calling: the grant of its token (None without tokens) and its sealing identity."""
-
-    grant: DeviceGrant | None
-    identity: str  # sealing.device_identity of the caller's token / client certificate
 
 
 @dataclass(frozen=True)
@@ -116,7 +93,7 @@ class _Context:
     batcher: Batcher
     executor: Executor
     metrics: ServerMetrics
-    limits: _Limits
+    limits: Limits
 
 
 class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
@@ -128,7 +105,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
     async def Infer(
         self, request_iterator: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Answer]:
-        caller = await _authenticate(self.ctx.grants, context)
+        caller = await authenticate(self.ctx.grants, context)
         try:
             self.ctx.limits.streams.acquire(caller.identity)
         except OverloadedError as exc:
@@ -151,11 +128,11 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
         request: pb.ProbeRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.ProbeReply:
-        caller = await _authenticate(self.ctx.grants, context)
+        caller = await authenticate(self.ctx.grants, context)
         c = self.ctx.config
         relative = max(PROBE_REPLY_FLOOR_BYTES, PROBE_REPLY_RATIO * len(request.payload))
         size = min(request.reply_bytes, c.max_probe_bytes, c.max_message_bytes - 1024, relative)
-        key = caller.identity if caller.identity != sealing.ANONYMOUS else _peer_host(context)
+        key = caller.identity if caller.identity != sealing.ANONYMOUS else peer_host(context)
         if not self.ctx.limits.probes.allow(key, len(request.payload) + size + PROBE_OVERHEAD_BYTES):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -168,7 +145,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
         request: pb.ServerInfoRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.ServerInfoReply:
-        caller = await _authenticate(self.ctx.grants, context)
+        caller = await authenticate(self.ctx.grants, context)
         c = self.ctx
         return pb.ServerInfoReply(
             identity=caller.identity,
@@ -185,7 +162,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
     async def _read(
         self,
         frames: AsyncIterator[pb.Frame],
-        caller: _Caller,
+        caller: Caller,
         answers: asyncio.Queue[pb.Answer | None],
         tasks: dict[str, asyncio.Task[None]],
     ) -> None:
@@ -247,7 +224,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
         self,
         head: RequestHead,
         sealed: bytes,
-        caller: _Caller,
+        caller: Caller,
         answers: asyncio.Queue[pb.Answer | None],
     ) -> None:
         t0 = time.perf_counter()
@@ -275,14 +252,14 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             )
         await answers.put(answer)
 
-    async def _answer(self, head: RequestHead, sealed: bytes, caller: _Caller) -> pb.Answer:
+    async def _answer(self, head: RequestHead, sealed: bytes, caller: Caller) -> pb.Answer:
         grant = caller.grant
         if grant is not None and not grant.allows(head.model):
             raise ForbiddenError(f"device {grant.device_id!r} may not use model {short(head.model)}")
         c = self.ctx
         with c.registry.acquire(head.model, head.version) as entry:
             cut = c.registry.cut(entry, head.cut)
-            _check_min_cut(c.config, entry.bundle, cut)
+            check_min_cut(c.config, entry.bundle, cut)
             binding = head.binding(caller.identity)
             t0 = time.perf_counter()
             guard = c.guards.for_device(grant.device_id if grant is not None else None)
@@ -305,7 +282,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
     ) -> pb.Answer:
         c = self.ctx
         header = codec.header_of(payload, max_bytes=c.config.max_decoded_bytes)
-        _check_rows(bundle, header, c.config.max_rows_per_request)
+        check_rows(bundle, header, c.config.max_rows_per_request)
         c.limits.decoded.acquire(header.decoded_bytes)
         try:
             feeds = await self._decode_frontier(bundle, cut, payload, header)
@@ -400,24 +377,6 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
         return model if any(e.key[0] == model for e in self.ctx.registry.entries()) else "unknown"
 
 
-async def _authenticate(grants: dict[str, DeviceGrant] | None, context: grpc.aio.ServicerContext) -> _Caller:
-    """The caller's grant (tokens configured) and the identity its frames must be sealed with."""
-    metadata = dict(context.invocation_metadata() or ())
-    scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
-    token = token.strip() if scheme.lower() == "bearer" else ""
-    grant = find_grant(grants, token) if grants is not None and token else None
-    if grants is not None and grant is None:
-        error = AuthError("missing or unknown device token (metadata 'authorization: Bearer …')")
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, error.message)
-    certs = (context.auth_context() or {}).get("x509_pem_cert") or [None]
-    return _Caller(grant, sealing.device_identity(token or None, certs[0]))
-
-
-def _peer_host(context: grpc.aio.ServicerContext) -> str:
-    """The caller's address without its port (`ipv4:1.2.3.4:5678` -> `ipv4:1.2.3.4`)."""
-    return str(context.peer() or "unknown").rpartition(":")[0] or "unknown"
-
-
 def _done(
     tasks: dict[str, asyncio.Task[None]],
     rid: str,
@@ -427,33 +386,6 @@ def _done(
 ) -> None:
     tasks.pop(rid, None)
     in_flight.release(identity)
-
-
-def _check_rows(bundle: Bundle, header: codec.FrameHeader, max_rows: int) -> None:
-    """Refuse more rows than one request may carry, before paying for its decode.
-
-    Rows are what a tail run costs: a frame of zeros compresses a thousandfold, so its sealed
-    size says nothing about them; the header does.
-    """
-    rows = max((t.shape[0] for t in header.tensors if t.shape), default=1)
-    if rows > 1 and not bundle.manifest.batchable:
-        raise CodecError(f"{bundle.name} is not batchable: send one item per frame, not {rows}")
-    if rows > max_rows:
-        raise FrameTooLargeError(
-            f"request carries {rows} rows; this server accepts at most {max_rows} per request",
-            hint="send one frame per input (max_rows_per_request on the server)",
-        )
-
-
-def _check_min_cut(config: ServeConfig, bundle: Bundle, cut: Cut) -> None:
-    """Refuse a cut shallower than the operator's minimum for this model (a privacy floor)."""
-    floor = min_depth(config, bundle.manifest)
-    if cut.depth < floor:
-        raise ForbiddenError(
-            f"{bundle.name}: cut {cut.id!r} (depth {cut.depth}) is shallower than this server's "
-            f"minimum depth {floor} for {bundle.manifest.model!r}",
-            hint="cut deeper on the edge (--min-cut)",
-        )
 
 
 def _model_info(entry: Entry) -> pb.ModelInfo:
@@ -595,7 +527,7 @@ async def create_server(
         batcher,
         executor,
         metrics,
-        _Limits.of(config),
+        Limits.of(config),
     )
     # SO_REUSEPORT off: with it, a second server on a busy port "listens" and the kernel splits
     # connections between the two (with different keys, half the edges fail).
