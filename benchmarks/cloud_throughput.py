@@ -23,14 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
-from edgecut import codec, framing, sealing
+from edgecut import codec, framing
 from edgecut.bundle import Bundle, load_bundle
 from edgecut.cloud.executor import OrtExecutor
 from edgecut.images import prepare, sample_photos
@@ -105,11 +104,11 @@ async def one_stream(
     call = stub.Infer(requests())
     k = 0
     while time.perf_counter() < stop_at:
-        binding = sealing.Binding(m.model, m.version, cut, uuid.uuid4().hex)
         t0 = time.perf_counter()
-        sealed, _ = sealing.seal_request(public, binding, bodies[k % len(bodies)])
-        head = framing.RequestHead(binding.request_id, m.model, m.version, cut, 0, 0)
-        for frame in framing.split(head, sealed):
+        request = framing.build_request(
+            public, payload=bodies[k % len(bodies)], model=m.model, version=m.version, cut=cut
+        )
+        for frame in request.frames:
             frames.put_nowait(frame)
         answer = await call.read()
         if answer.code != 0:

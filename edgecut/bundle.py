@@ -3,6 +3,10 @@
 A bundle is a directory holding `manifest.json`, `segments/seg_XXX.onnx` and optionally
 `manifest.sig` (detached Ed25519 signature over the exact manifest bytes). The manifest lists the
 sha256 of every other file, so verifying the signature and then every hash pins the whole bundle.
+Every file the manifest names (segments, labels) must be listed there and lie inside the bundle
+directory: a relative path without `..`, not escaping through a symlink. A reader that hands a file
+to another library (ONNX Runtime) uses `read_verified`: the bytes it hashed are the bytes it passes
+on, so a file swapped after the check (or after a session cache eviction) is never run.
 The format is described once, in docs/bundle-format.md; this module is its only reader and writer.
 """
 
@@ -213,6 +217,18 @@ class Bundle:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
+    def read_verified(self, relative: str) -> bytes:
+        """A listed file's bytes, read once and checked against the manifest's sha256."""
+        digest = self.manifest.files.get(relative)
+        if digest is None:
+            raise IntegrityError(f"bundle '{self.manifest.model}': file '{relative}' is not listed in files")
+        data = _read_contained(self.root, relative, self.manifest.model)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise IntegrityError(
+                f"bundle '{self.manifest.model}' {relative}: sha256 mismatch — file changed after loading"
+            )
+        return data
+
     @property
     def build_sha256(self) -> str:
         """Identity of the model build, the same on the edge and the tail service: the manifest
@@ -249,6 +265,7 @@ def load_bundle(
     raw = _read_manifest(root)
     manifest = Manifest.from_json(_parse_json(raw, root))
     signed = _check_signature(root, raw, public_key, require_signature)
+    _check_references(manifest)
     for rel, digest in manifest.files.items():
         _check_file(root, rel, digest, manifest.model)
     return Bundle(root, manifest, hashlib.sha256(raw).hexdigest(), signed)
@@ -293,10 +310,42 @@ def _check_signature(root: Path, raw: bytes, public_key: Any, required: bool) ->
     return True
 
 
-def _check_file(root: Path, rel: str, digest: str, model: str) -> None:
+def _check_references(manifest: Manifest) -> None:
+    """Every file the manifest names must be hash-listed: an unlisted one would run unchecked."""
+    named = [s.file for s in manifest.segments]
+    if manifest.labels_file is not None:
+        named.append(manifest.labels_file)
+    for rel in named:
+        if rel not in manifest.files:
+            raise IntegrityError(
+                f"bundle '{manifest.model}': file '{rel}' is used by the manifest but not listed "
+                "in its files (so it would not be hash-checked)"
+            )
+
+
+def _contained(root: Path, rel: str, model: str) -> Path:
+    """`root/rel`, refusing absolute paths, `..` parts and symlinks that lead out of `root`."""
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts or "\\" in rel:
+        raise IntegrityError(f"bundle '{model}': file '{rel}' is not a plain relative path inside the bundle")
     path = (root / rel).resolve()
     if root.resolve() not in path.parents:
         raise IntegrityError(f"bundle '{model}': file '{rel}' points outside the bundle")
+    return path
+
+
+def _read_contained(root: Path, rel: str, model: str) -> bytes:
+    path = _contained(root, rel, model)
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise IntegrityError(f"bundle '{model}': file '{rel}' is missing") from None
+    except OSError as exc:
+        raise IntegrityError(f"bundle '{model}': file '{rel}' cannot be read ({exc.strerror})") from None
+
+
+def _check_file(root: Path, rel: str, digest: str, model: str) -> None:
+    path = _contained(root, rel, model)
     if not path.is_file():
         raise IntegrityError(f"bundle '{model}': file '{rel}' is missing")
     if sha256_file(path) != digest:

@@ -127,6 +127,18 @@ class UnavailableError(EdgecutError):
     grpc_status = "UNAVAILABLE"
 
 
+class AddressInUseError(EdgecutError):
+    """A port the service should listen on is taken (or cannot be bound at all)."""
+
+    grpc_status = "UNAVAILABLE"
+
+
+class RequestCancelledError(EdgecutError):
+    """The edge gave up on a request (a cancel frame); it is dropped, never computed."""
+
+    grpc_status = "CANCELLED"
+
+
 class ProfileError(EdgecutError):
     """A profile is missing, garbled, of an unsupported version, or lacks a needed timing."""
 

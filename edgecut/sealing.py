@@ -3,7 +3,9 @@
 Each request frame is sealed to the tail service's public key (single-shot HPKE base mode,
 KDF HKDF-SHA256, AEAD AES-256-GCM, KEM X25519 or ML-KEM-768+X25519), so any replica holding
 `service.key` opens any frame: no sticky sessions. The HPKE `info` is the frame's `Binding`
-(model, version, cut, request id): a frame sealed for one binding does not open as another.
+(model, version, cut, request id, the sender's device identity, and the frame's deadline and
+sent-at times): a frame sealed for one binding does not open as another, so a frame captured from
+one device does not open under another device's token, and its deadline cannot be stretched.
 
 Request plaintext, big-endian:
 
@@ -14,8 +16,9 @@ Request plaintext, big-endian:
 
 Sealed request = HPKE `enc || ciphertext` exactly as `hpke.Suite.encrypt` returns it.
 Sealed response = 12-byte random nonce || AES-256-GCM(response key, payload,
-aad=`Binding.response_info()`). The request and response labels differ, so neither can be
-passed off as the other.
+aad=`Binding.response_info()` + `AnswerMeta.aad()`). The request and response labels differ, so
+neither can be passed off as the other; the answer's status, timings and queue delay are
+authenticated with it, so nobody on the path can inject an error or skew the edge's planner.
 
 A `ReplayGuard` rejects frames whose timestamp is outside a window and request ids already seen
 inside it. Sealing protects against the network, not against whoever runs the tail.
@@ -23,6 +26,7 @@ inside it. Sealing protects against the network, not against whoever runs the ta
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import os
 import struct
@@ -44,6 +48,9 @@ MAX_FIELD_BYTES = 256  # per Binding field, UTF-8; bounds info() and the replay 
 _REQUEST_LABEL = b"edgecut/v1 request\x00"
 _RESPONSE_LABEL = b"edgecut/v1 response\x00"
 _HEADER = struct.Struct(">BQ32s")  # version, timestamp_ms, response key
+_U64 = struct.Struct(">Q")
+_META = struct.Struct(">iddddIQd")  # code, 4 timings, batch size, sent_at_ms, queue delay
+ANONYMOUS = "anonymous"  # the identity of a caller with neither token nor client certificate
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
 _KEMS = {"x25519": hpke.KEM.X25519, "mlkem768-x25519": hpke.KEM.MLKEM768_X25519}
@@ -58,11 +65,18 @@ class Binding:
     version: str
     cut: str
     request_id: str  # chosen by the edge, unique per frame (retries too): the replay-guard key
+    identity: str = ANONYMOUS  # the sender as the server authenticates it (`device_identity`)
+    deadline_ms: int = 0  # Frame.deadline_ms as sent (edge clock, unix ms; 0 = none)
+    sent_at_ms: int = 0  # Frame.sent_at_ms as sent (edge clock, unix ms)
 
     def __post_init__(self) -> None:
         if not self.request_id:
             raise CodecError("frame has an empty request id")
         for name, value in vars(self).items():
+            if isinstance(value, int):
+                if not 0 <= value < 1 << 64:
+                    raise CodecError(f"frame {name} = {value} is out of range")
+                continue
             size = len(value.encode("utf-8", errors="surrogatepass"))
             if size > MAX_FIELD_BYTES:
                 raise CodecError(f"frame {name} is {size} bytes; at most {MAX_FIELD_BYTES}")
@@ -76,8 +90,71 @@ class Binding:
         return _RESPONSE_LABEL + self._fields()
 
     def _fields(self) -> bytes:
-        parts = (v.encode("utf-8", errors="surrogatepass") for v in vars(self).values())
-        return b"".join(struct.pack(">H", len(p)) + p for p in parts)
+        out = []
+        for value in vars(self).values():
+            if isinstance(value, int):
+                out.append(_U64.pack(value))
+            else:
+                raw = value.encode("utf-8", errors="surrogatepass")
+                out.append(struct.pack(">H", len(raw)) + raw)
+        return b"".join(out)
+
+
+@dataclass(frozen=True)
+class AnswerMeta:
+    """What an Answer says besides its payload; authenticated as the response's associated data."""
+
+    code: int = 0  # grpc.StatusCode value; 0 = OK
+    message: str = ""
+    queue_ms: float = 0.0
+    decode_ms: float = 0.0
+    compute_ms: float = 0.0
+    encode_ms: float = 0.0
+    batch_size: int = 0
+    sent_at_ms: int = 0  # echo of the request's sent_at_ms
+    queue_delay_ms: float = 0.0  # the server's live queue delay estimate
+
+    def aad(self) -> bytes:
+        head = _META.pack(
+            self.code,
+            self.queue_ms,
+            self.decode_ms,
+            self.compute_ms,
+            self.encode_ms,
+            self.batch_size,
+            self.sent_at_ms,
+            self.queue_delay_ms,
+        )
+        message = self.message.encode("utf-8", errors="surrogatepass")
+        return head + struct.pack(">I", len(message)) + message
+
+
+def device_identity(token: str | None = None, cert_pem: bytes | None = None) -> str:
+    """The identity bound into a frame's seal: its bearer token, else its client certificate.
+
+    Both sides compute it from what the server authenticates: `token:` + sha256 of the token (the
+    token itself never enters a log or the seal), `cert:` + sha256 of the leaf certificate's DER,
+    or "anonymous". The edge computes it from its own token / certificate, the server from the
+    call's metadata / TLS peer, so a frame captured from one device fails to open when replayed
+    under another device's credentials.
+    """
+    if token:
+        return "token:" + token_digest(token)[:32]
+    if cert_pem:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        try:
+            der = x509.load_pem_x509_certificate(cert_pem).public_bytes(Encoding.DER)
+        except ValueError as exc:
+            raise SealError(f"client certificate is not a PEM certificate ({exc})") from None
+        return "cert:" + hashlib.sha256(der).hexdigest()[:32]
+    return ANONYMOUS
+
+
+def token_digest(token: str) -> str:
+    """sha256 hex of a device token: what a token file may store instead of the token."""
+    return hashlib.sha256(token.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
 class ReplayGuard:
@@ -190,26 +267,36 @@ def open_request(
     return plaintext[_HEADER.size :], response_key
 
 
-def seal_response(response_key: bytes, binding: Binding, payload: bytes) -> bytes:
-    """Seal the answer with the request's response key (random nonce prefixed)."""
+def seal_response(
+    response_key: bytes, binding: Binding, payload: bytes, meta: AnswerMeta | None = None
+) -> bytes:
+    """Seal the answer with the request's response key (random nonce prefixed), `meta` as AAD."""
     nonce = os.urandom(_NONCE_BYTES)
-    return nonce + _aead(response_key).encrypt(nonce, payload, binding.response_info())
+    return nonce + _aead(response_key).encrypt(nonce, payload, _response_aad(binding, meta))
 
 
-def open_response(response_key: bytes, binding: Binding, sealed: bytes) -> bytes:
-    """Open an answer sealed by `seal_response`; SealError if it does not authenticate."""
+def open_response(
+    response_key: bytes, binding: Binding, sealed: bytes, meta: AnswerMeta | None = None
+) -> bytes:
+    """Open an answer sealed by `seal_response` with the same `meta`; SealError if it does not
+    authenticate (payload, binding or any metadata changed on the way)."""
     if len(sealed) < _NONCE_BYTES + _TAG_BYTES:
         raise SealError(
             f"response for request {binding.request_id!r} is {len(sealed)} bytes, too short to be sealed"
         )
     body = memoryview(sealed)
+    aad = _response_aad(binding, meta)
     try:
-        return _aead(response_key).decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], binding.response_info())
+        return _aead(response_key).decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], aad)
     except InvalidTag:
         raise SealError(
             f"response for request {binding.request_id!r} did not open: wrong "
-            "response key, tampered bytes, or sealed for another request"
+            "response key, tampered bytes or status/timings, or sealed for another request"
         ) from None
+
+
+def _response_aad(binding: Binding, meta: AnswerMeta | None) -> bytes:
+    return binding.response_info() + (meta.aad() if meta is not None else b"")
 
 
 def _aead(response_key: bytes) -> AESGCM:

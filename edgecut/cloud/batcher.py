@@ -1,16 +1,18 @@
 """Dynamic batching: requests for the same (bundle, cut) from any stream ride one tail run.
 
-Triton's two knobs: a batch closes when it holds `max_batch` requests or when its first request has
-waited `max_queue_delay_ms`, whichever comes first. While a batch computes, the next one fills, so
-under load batches grow by themselves and at low load a request waits at most the delay. Compute
-runs on a thread pool so the event loop keeps reading frames and answering while ORT works.
+Triton's two knobs: a batch closes when it holds `max_batch` rows (a request of N rows counts N)
+or when its first request has waited `max_queue_delay_ms`, whichever comes first. While a batch
+computes, the next one fills, so under load batches grow by themselves and at low load a request
+waits at most the delay. Compute runs on a thread pool so the event loop keeps reading frames and
+answering while ORT works.
 
 A bundle whose segments are not `batchable` (its graphs bake batch 1 in) still gets the queueing:
 its batch is run item by item, and the `mode` label of the batch-size metric says so. Queues are
 bounded: a full one refuses at once (RESOURCE_EXHAUSTED) so the edge can back off or run locally,
 and a request whose deadline passed while queued is dropped, never computed. A lane whose worker is
 stopped (its bundle retired, or the server closing) answers what it holds UNAVAILABLE, never leaves
-a request waiting forever.
+a request waiting forever. A request whose caller is cancelled (the edge sent a cancel frame, or
+its stream ended) leaves the queue at once, so abandoned requests hold no queue slot.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Executor as Pool
 from dataclasses import dataclass, field
@@ -54,11 +57,28 @@ class _Item:
     future: asyncio.Future[BatchResult]
 
 
+class _Queue(asyncio.Queue[_Item]):
+    """A lane's queue, plus removal of an abandoned item and putting one back at the front."""
+
+    _queue: deque[_Item]  # asyncio.Queue's own storage (its documented subclassing hook, `_init`)
+
+    def discard(self, item: _Item) -> bool:
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return False
+        return True
+
+    def unget(self, item: _Item) -> None:
+        """Back to the front: it did not fit this batch (the lane's worker is the only getter)."""
+        self._queue.appendleft(item)
+
+
 @dataclass(eq=False)
 class _Lane:
     bundle: Bundle
     cut: str
-    queue: asyncio.Queue[_Item]
+    queue: _Queue
     worker: asyncio.Task[None] | None = None
     delay_ms: float = 0.0  # EWMA of queue delay
     busy: bool = False  # a batch is computing
@@ -117,7 +137,11 @@ class Batcher:
                 f"{bundle.name} cut {cut}: {self.max_queue} requests queued",
                 hint="back off, or run the tail on the device",
             ) from None
-        return await item.future  # a cancelled caller cancels the future: the worker skips it
+        try:
+            return await item.future
+        except asyncio.CancelledError:  # the caller left: free its slot now, not when it is reached
+            lane.queue.discard(item)
+            raise
 
     def queue_delay_ms(self) -> float:
         """Live estimate for edge optimizers: the worst lane's queue delay, ~0 when idle."""
@@ -145,7 +169,7 @@ class Batcher:
         key = (bundle.name, bundle.manifest_sha256, cut)
         lane = self._lanes.get(key)
         if lane is None:
-            lane = _Lane(bundle, cut, asyncio.Queue(self.max_queue))
+            lane = _Lane(bundle, cut, _Queue(self.max_queue))
             lane.worker = self._loop.create_task(self._work(lane), name=f"batcher {key}")
             self._lanes[key] = lane
         return lane
@@ -181,20 +205,26 @@ class Batcher:
         full delay to every request. Fills `items` in place, so a cancelled worker knows what it held.
         """
         items.append(await lane.queue.get())
+        rows = items[0].rows
         wait_s = self.max_delay_s if lane.gap_s < self.max_delay_s else 0.0
         close_at = items[0].enqueued + wait_s
-        while len(items) < self.max_batch:
+        while rows < self.max_batch:
             if not lane.queue.empty():
-                items.append(lane.queue.get_nowait())
-                continue
-            remaining = close_at - time.perf_counter()
-            if remaining <= 0:
+                item = lane.queue.get_nowait()
+            else:
+                remaining = close_at - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        item = await lane.queue.get()
+                except TimeoutError:
+                    break
+            if rows + item.rows > self.max_batch:  # rows, not requests, are what a batch costs
+                lane.queue.unget(item)
                 break
-            try:
-                async with asyncio.timeout(remaining):
-                    items.append(await lane.queue.get())
-            except TimeoutError:
-                break
+            items.append(item)
+            rows += item.rows
 
     async def _run(self, lane: _Lane, items: list[_Item]) -> None:
         live = [i for i in items if _admit(i)]

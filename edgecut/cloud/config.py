@@ -2,20 +2,27 @@
 
 Values are validated here, where they cross from the operator into the program, so the rest of the
 service can trust them. The device-token file is parsed here too: it is configuration, and a typo
-in it must stop the server at start, not lock devices out at run time.
+in it must stop the server at start, not lock devices out at run time. Tokens are kept only as
+sha256 digests (the file may hold `sha256:HEX` instead of the token), and a token file others can
+read is refused, as private keys are.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hmac
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgecut.bundle import Manifest
 from edgecut.errors import UsageError
 from edgecut.framing import MAX_DECODED_BYTES, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
 from edgecut.runtime import PROVIDERS
+from edgecut.sealing import token_digest
 
 DEVICES = ("cpu", "cuda")
 _PATH_FIELDS = ("bundles", "key", "tls_cert", "tls_key", "client_ca", "tokens", "signing_pub")
@@ -51,6 +58,13 @@ class ServeConfig:
     warmup_runs: int = 3  # timed runs per segment at load, after one untimed run
     grace_s: float = 10.0  # on SIGTERM, how long in-flight requests may take to finish, s
     compute_threads: int = 2  # threads running batches (different lanes run in parallel)
+    max_rows_per_request: int = 1  # batch rows one frame may carry (counted in max_batch)
+    max_decoded_total_bytes: int = 512 << 20  # decoded frontiers held by all requests together, bytes
+    max_concurrent_rpcs: int = 1024  # calls (streams, probes, info) open at once, server-wide
+    max_streams_per_device: int = 64  # Infer streams one device identity may hold open
+    max_in_flight_per_device: int = 1024  # requests one device identity may have in progress
+    probe_bytes_per_s: int = 8 << 20  # Probe bytes (up + down) per device / peer address, per s
+    min_cut: Mapping[str, str | int] = field(default_factory=dict)  # model -> shallowest cut served
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -117,6 +131,12 @@ def _validate(c: ServeConfig) -> None:
         "compute_threads": (c.compute_threads, 1, 256),
         "max_message_bytes": (c.max_message_bytes, 4096, 2**31 - 1),
         "replay_window_ms": (c.replay_window_ms, 1, 86_400_000),
+        "max_rows_per_request": (c.max_rows_per_request, 1, c.max_batch),
+        "max_decoded_total_bytes": (c.max_decoded_total_bytes, 1, 1 << 40),
+        "max_concurrent_rpcs": (c.max_concurrent_rpcs, 1, 1 << 20),
+        "max_streams_per_device": (c.max_streams_per_device, 1, 1 << 20),
+        "max_in_flight_per_device": (c.max_in_flight_per_device, 1, 1 << 24),
+        "probe_bytes_per_s": (c.probe_bytes_per_s, 1, 1 << 40),
     }
     if c.metrics_port is not None:
         ranges["metrics_port"] = (c.metrics_port, 0, 65535)
@@ -131,6 +151,24 @@ def _validate(c: ServeConfig) -> None:
         raise UsageError("TLS needs both --tls-cert and --tls-key")
     if c.client_ca is not None and c.tls_cert is None:
         raise UsageError("--client-ca (mTLS) needs --tls-cert and --tls-key")
+    if not isinstance(c.min_cut, Mapping):
+        raise UsageError(f"min_cut = {c.min_cut!r}: expected a table of model = cut id or depth")
+    for model, cut in c.min_cut.items():
+        if isinstance(cut, bool) or not isinstance(cut, int | str) or (isinstance(cut, int) and cut < 0):
+            raise UsageError(f"min_cut.{model} = {cut!r}: expected a cut id or a depth (integer >= 0)")
+
+
+def min_depth(config: ServeConfig, manifest: Manifest) -> int:
+    """The shallowest cut depth the server computes for this model (0 = every cut).
+
+    A cut id is looked up in the model's own manifest, so one setting serves every version.
+    """
+    cut = config.min_cut.get(manifest.model, 0)
+    if isinstance(cut, int):
+        return cut
+    if cut.isdigit():
+        return int(cut)
+    return manifest.cut(cut).depth
 
 
 @dataclass(frozen=True)
@@ -144,13 +182,19 @@ class DeviceGrant:
         return self.models is None or model in self.models
 
 
+_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+
+
 def load_tokens(path: Path) -> dict[str, DeviceGrant]:
     """Parse a token file: one `token device_id [model1,model2,...]` per line, `#` comments.
 
-    Tokens must be unique; a line with fewer than two fields is an error naming the line (never
-    the token, which is a secret).
+    `token` is the token itself or `sha256:` + the hex sha256 of it (`printf %s TOKEN | sha256sum`),
+    so the file need not hold secrets. Either way only digests are kept, keyed by digest. Tokens must
+    be unique; a bad line is an error naming the line (never the token, which is a secret). The file
+    must not be readable by group or others (like a private key).
     """
     try:
+        _check_private(path)
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise UsageError(f"tokens file {path}: cannot read ({exc.strerror})") from None
@@ -164,10 +208,34 @@ def load_tokens(path: Path) -> dict[str, DeviceGrant]:
                 f"tokens file {path} line {number}: expected 'token device_id [model1,model2,...]'"
             )
         token, device_id = fields[0], fields[1]
-        if token in grants:
+        hashed = _DIGEST.fullmatch(token)
+        digest = hashed.group(1) if hashed else token_digest(token)
+        if digest in grants:
             raise UsageError(f"tokens file {path} line {number}: duplicate token")
         models = frozenset(m for m in fields[2].split(",") if m) if len(fields) == 3 else None
-        grants[token] = DeviceGrant(device_id, models)
+        grants[digest] = DeviceGrant(device_id, models)
     if not grants:
         raise UsageError(f"tokens file {path} holds no tokens; every device would be refused")
     return grants
+
+
+def find_grant(grants: Mapping[str, DeviceGrant], token: str) -> DeviceGrant | None:
+    """The grant of a presented token: its digest compared with every stored one in constant time."""
+    digest = token_digest(token).encode()
+    found = None
+    for stored, grant in grants.items():
+        if hmac.compare_digest(stored.encode(), digest):
+            found = grant
+    return found
+
+
+def _check_private(path: Path) -> None:
+    if os.name != "posix":
+        return
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise UsageError(
+            f"tokens file {path} is accessible to group or others (mode {mode:o}): "
+            "its tokens may already have leaked",
+            hint=f"chmod 600 {path}",
+        )

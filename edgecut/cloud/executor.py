@@ -93,7 +93,9 @@ class OrtExecutor:
                 return session
         # Created outside the lock: loading takes tens of ms and must not stall other lanes.
         # Two threads may both create one; the second simply replaces the first.
-        session = make_session(bundle.path(segment.file), self.options)
+        # The bytes hashed are the bytes ORT loads: a file swapped after the bundle was verified
+        # (or since this session was last evicted) is refused, never run.
+        session = make_session(bundle.read_verified(segment.file), self.options, label=segment.file)
         with self._lock:
             self._sessions[key] = session
             while len(self._sessions) > self.cache_size:

@@ -4,7 +4,15 @@
 reassembled) becomes its own task — open, decode, batch, encode, seal — and its Answer is written
 when ready, so answers come back out of order and one slow or bad request holds up nothing else.
 Errors are per request: any `EdgecutError` becomes an Answer with that error's gRPC status, and the
-stream goes on. Only authentication (a missing or unknown device token) fails the whole RPC.
+stream goes on. Only authentication (a missing or unknown device token) and the per-device stream cap
+fail the whole RPC. A request whose seal opened is answered with its status, timings and queue delay
+as the seal's associated data (an error gets an empty sealed payload), so nobody on the path can
+forge them; bad frames are logged at DEBUG (one INFO summary per status every 10 s), never verbatim.
+
+Cost is bounded before it is paid: rows per request (`max_rows_per_request`, read from the codec
+header before decoding), decoded bytes held by all requests, calls server-wide, streams and
+in-flight requests per device identity, and Probe replies (relative to the request, rate-limited).
+A cancel frame drops its request from the reassembler or the batch queue.
 
 `create_server` builds and binds everything without serving; `serve` adds signal handling and a
 drain: on SIGTERM the port stops taking new calls, in-flight requests finish within the grace
@@ -14,6 +22,7 @@ period, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -27,15 +36,34 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edgecut import __version__, codec, sealing
+from edgecut import __version__, codec, framing, sealing
 from edgecut.bundle import Bundle, Cut
+from edgecut.cloud.admission import (
+    PROBE_OVERHEAD_BYTES,
+    PROBE_REPLY_FLOOR_BYTES,
+    PROBE_REPLY_RATIO,
+    Caller,
+    Limits,
+    authenticate,
+    check_min_cut,
+    check_rows,
+    peer_host,
+)
 from edgecut.cloud.batcher import Batcher
 from edgecut.cloud.config import DeviceGrant, ServeConfig, load_tokens
 from edgecut.cloud.executor import Executor, OrtExecutor
+from edgecut.cloud.limits import PerKeyCap
 from edgecut.cloud.metrics import ServerMetrics
 from edgecut.cloud.registry import Entry, Registry
-from edgecut.errors import AuthError, CodecError, EdgecutError, ForbiddenError, OverloadedError, UsageError
-from edgecut.framing import Reassembler, RequestHead, grpc_options
+from edgecut.errors import (
+    AddressInUseError,
+    CodecError,
+    EdgecutError,
+    ForbiddenError,
+    OverloadedError,
+    RequestCancelledError,
+)
+from edgecut.framing import Reassembler, RequestHead, grpc_options, short
 from edgecut.keys import ServicePrivateKey, key_id, load_service_private, load_signing_public
 from edgecut.runtime import OrtOptions
 from edgecut.v1 import edgecut_pb2 as pb
@@ -65,6 +93,7 @@ class _Context:
     batcher: Batcher
     executor: Executor
     metrics: ServerMetrics
+    limits: Limits
 
 
 class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
@@ -76,17 +105,22 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
     async def Infer(
         self, request_iterator: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Answer]:
-        grant = await _authenticate(self.ctx.grants, context)
+        caller = await authenticate(self.ctx.grants, context)
+        try:
+            self.ctx.limits.streams.acquire(caller.identity)
+        except OverloadedError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
         # Bounded: a client that sends but never reads stalls its own reader, not our memory.
         answers: asyncio.Queue[pb.Answer | None] = asyncio.Queue(MAX_IN_FLIGHT_PER_STREAM)
-        tasks: set[asyncio.Task[None]] = set()
-        reader = asyncio.create_task(self._read(request_iterator, grant, answers, tasks))
+        tasks: dict[str, asyncio.Task[None]] = {}
+        reader = asyncio.create_task(self._read(request_iterator, caller, answers, tasks))
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
         finally:  # the client left (or we are done): nothing of this stream may outlive it
+            self.ctx.limits.streams.release(caller.identity)
             reader.cancel()
-            for task in tasks:
+            for task in tasks.values():
                 task.cancel()
 
     async def Probe(
@@ -94,20 +128,28 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
         request: pb.ProbeRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.ProbeReply:
-        await _authenticate(self.ctx.grants, context)
-        cap = min(self.ctx.config.max_probe_bytes, self.ctx.config.max_message_bytes - 1024)
-        return pb.ProbeReply(
-            payload=bytes(min(request.reply_bytes, cap)), server_time_ms=time.time_ns() // 1_000_000
-        )
+        caller = await authenticate(self.ctx.grants, context)
+        c = self.ctx.config
+        relative = max(PROBE_REPLY_FLOOR_BYTES, PROBE_REPLY_RATIO * len(request.payload))
+        size = min(request.reply_bytes, c.max_probe_bytes, c.max_message_bytes - 1024, relative)
+        key = caller.identity if caller.identity != sealing.ANONYMOUS else peer_host(context)
+        if not self.ctx.limits.probes.allow(key, len(request.payload) + size + PROBE_OVERHEAD_BYTES):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"probe rate limit: at most {c.probe_bytes_per_s} probe bytes per second per device",
+            )
+        return pb.ProbeReply(payload=bytes(size), server_time_ms=time.time_ns() // 1_000_000)
 
     async def ServerInfo(
         self,
         request: pb.ServerInfoRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.ServerInfoReply:
-        await _authenticate(self.ctx.grants, context)
+        caller = await authenticate(self.ctx.grants, context)
         c = self.ctx
         return pb.ServerInfoReply(
+            identity=caller.identity,
+            max_rows_per_request=c.config.max_rows_per_request,
             models=[_model_info(e) for e in c.registry.entries()],
             key_id=key_id(c.key.public),
             key_suite=c.key.suite,
@@ -120,31 +162,40 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
     async def _read(
         self,
         frames: AsyncIterator[pb.Frame],
-        grant: DeviceGrant | None,
+        caller: Caller,
         answers: asyncio.Queue[pb.Answer | None],
-        tasks: set[asyncio.Task[None]],
+        tasks: dict[str, asyncio.Task[None]],
     ) -> None:
         reassembler = Reassembler(self.ctx.config.max_request_bytes)
+        in_flight = self.ctx.limits.in_flight
         try:
             async for frame in frames:
                 self.ctx.metrics.bytes_in.labels(self._label(frame.model)).inc(len(frame.sealed))
                 for head, error in reassembler.expire():
                     await answers.put(self._failed(head.request_id, head.model, error))
+                if frame.cancel:
+                    await self._cancel(frame.request_id, reassembler, answers, tasks)
+                    continue
                 try:
                     whole = reassembler.add(frame)
                     if whole and len(tasks) + answers.qsize() >= MAX_IN_FLIGHT_PER_STREAM:
                         raise OverloadedError(
                             f"more than {MAX_IN_FLIGHT_PER_STREAM} requests in flight on one stream"
                         )
+                    if whole and whole[0].request_id in tasks:
+                        raise CodecError(f"request {short(whole[0].request_id)} is already in progress")
+                    if whole:
+                        in_flight.acquire(caller.identity)
                 except EdgecutError as exc:
                     await answers.put(self._failed(frame.request_id, frame.model, exc))
                     continue
                 if whole:
-                    task = asyncio.create_task(self._handle(*whole, grant, answers))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    rid = whole[0].request_id
+                    task = asyncio.create_task(self._handle(*whole, caller, answers))
+                    tasks[rid] = task
+                    task.add_done_callback(functools.partial(_done, tasks, rid, in_flight, caller.identity))
             while tasks:  # the client half-closed: finish what it sent
-                await asyncio.gather(*tasks)
+                await asyncio.gather(*tasks.values(), return_exceptions=True)
         except Exception as exc:  # the stream broke (client gone); tasks are cancelled by Infer
             log.debug("stream ended: %s", exc)
         finally:
@@ -153,80 +204,130 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
                 log.info("stream ended with %d partial request(s): dropped", dropped)
         await answers.put(None)  # not when cancelled: then Infer has stopped reading answers
 
+    async def _cancel(
+        self,
+        rid: str,
+        reassembler: Reassembler,
+        answers: asyncio.Queue[pb.Answer | None],
+        tasks: dict[str, asyncio.Task[None]],
+    ) -> None:
+        """Drop a request the edge gave up on; answered CANCELLED unless its answer already went."""
+        task = tasks.get(rid)
+        # cancel() is False once the task finished: then its answer is already queued.
+        if (task is not None and task.cancel()) or reassembler.cancel(rid):
+            error = RequestCancelledError(f"request {short(rid)} cancelled by the edge; not computed")
+            await answers.put(self._failed(rid, "", error))
+        else:
+            log.debug("cancel for unknown or answered request %s ignored", short(rid))
+
     async def _handle(
         self,
         head: RequestHead,
         sealed: bytes,
-        grant: DeviceGrant | None,
+        caller: Caller,
         answers: asyncio.Queue[pb.Answer | None],
     ) -> None:
         t0 = time.perf_counter()
         try:
-            answer = await self._answer(head, sealed, grant)
+            answer = await self._answer(head, sealed, caller)
         except EdgecutError as exc:
-            answer = self._failed(head.request_id, head.model, exc)
+            answer = self._failed(head.request_id, head.model, exc, sent_at_ms=head.sent_at_ms)
         except Exception:
-            log.exception("rid=%s model=%s cut=%s: internal error", head.request_id, head.model, head.cut)
-            answer = self._failed(head.request_id, head.model, EdgecutError("internal error"))
+            log.exception("rid=%r model=%r cut=%r: internal error", head.request_id, head.model, head.cut)
+            error = EdgecutError("internal error")
+            answer = self._failed(head.request_id, head.model, error, sent_at_ms=head.sent_at_ms)
         else:
-            self.ctx.metrics.requests.labels(head.model, "OK").inc()
-            self.ctx.metrics.bytes_out.labels(head.model).inc(len(answer.sealed))
+            if answer.code == 0:
+                self.ctx.metrics.requests.labels(head.model, "OK").inc()
+                self.ctx.metrics.bytes_out.labels(head.model).inc(len(answer.sealed))
             log.debug(
-                "rid=%s model=%s version=%s cut=%s ok in %.1f ms (batch %d)",
+                "rid=%r model=%r version=%r cut=%r code %d in %.1f ms (batch %d)",
                 head.request_id,
                 head.model,
                 head.version,
                 head.cut,
+                answer.code,
                 (time.perf_counter() - t0) * 1e3,
                 answer.timings.batch_size,
             )
-        answer.sent_at_ms = head.sent_at_ms
-        answer.server_queue_delay_ms = self.ctx.batcher.queue_delay_ms()
         await answers.put(answer)
 
-    async def _answer(self, head: RequestHead, sealed: bytes, grant: DeviceGrant | None) -> pb.Answer:
+    async def _answer(self, head: RequestHead, sealed: bytes, caller: Caller) -> pb.Answer:
+        grant = caller.grant
         if grant is not None and not grant.allows(head.model):
-            raise ForbiddenError(f"device {grant.device_id!r} may not use model {head.model!r}")
+            raise ForbiddenError(f"device {grant.device_id!r} may not use model {short(head.model)}")
         c = self.ctx
         with c.registry.acquire(head.model, head.version) as entry:
             cut = c.registry.cut(entry, head.cut)
-            binding = sealing.Binding(head.model, head.version, head.cut, head.request_id)
+            check_min_cut(c.config, entry.bundle, cut)
+            binding = head.binding(caller.identity)
             t0 = time.perf_counter()
             guard = c.guards.for_device(grant.device_id if grant is not None else None)
-            feeds, response_key = await self._open(entry.bundle, cut, binding, sealed, guard)
+            payload, response_key = await self._open_seal(binding, sealed, guard)
+            try:
+                return await self._compute(entry.bundle, cut, head, binding, payload, response_key, t0)
+            except EdgecutError as exc:  # the seal opened: answer with an authenticated error
+                seal = (response_key, binding)
+                return self._failed(head.request_id, head.model, exc, sent_at_ms=head.sent_at_ms, seal=seal)
+
+    async def _compute(
+        self,
+        bundle: Bundle,
+        cut: Cut,
+        head: RequestHead,
+        binding: sealing.Binding,
+        payload: bytes,
+        response_key: bytes,
+        t0: float,
+    ) -> pb.Answer:
+        c = self.ctx
+        header = codec.header_of(payload, max_bytes=c.config.max_decoded_bytes)
+        check_rows(bundle, header, c.config.max_rows_per_request)
+        c.limits.decoded.acquire(header.decoded_bytes)
+        try:
+            feeds = await self._decode_frontier(bundle, cut, payload, header)
             t1 = time.perf_counter()
-            result = await c.batcher.submit(entry.bundle, cut.id, feeds, deadline_ms=head.deadline_ms)
-            t2 = time.perf_counter()
-            payload = codec.encode(result.outputs, entry.bundle.manifest.outputs, ANSWER_CODEC)
-            sealed_answer = sealing.seal_response(response_key, binding, payload)
-        timings = pb.Timings(
-            queue_ms=result.queue_ms,
-            decode_ms=(t1 - t0) * 1e3,
-            compute_ms=result.compute_ms,
-            encode_ms=(time.perf_counter() - t2) * 1e3,
-            batch_size=result.batch_size,
+            result = await c.batcher.submit(bundle, cut.id, feeds, deadline_ms=head.deadline_ms)
+            del feeds
+        finally:
+            c.limits.decoded.release(header.decoded_bytes)
+        t2 = time.perf_counter()
+        encoded = codec.encode(result.outputs, bundle.manifest.outputs, ANSWER_CODEC)
+        answer = pb.Answer(
+            request_id=head.request_id,
+            code=0,
+            timings=pb.Timings(
+                queue_ms=result.queue_ms,
+                decode_ms=(t1 - t0) * 1e3,
+                compute_ms=result.compute_ms,
+                encode_ms=(time.perf_counter() - t2) * 1e3,
+                batch_size=result.batch_size,
+            ),
+            sent_at_ms=head.sent_at_ms,
+            server_queue_delay_ms=c.batcher.queue_delay_ms(),
         )
-        return pb.Answer(request_id=head.request_id, code=0, sealed=sealed_answer, timings=timings)
+        answer.sealed = sealing.seal_response(response_key, binding, encoded, framing.answer_meta(answer))
+        return answer
 
-    async def _open(
-        self, bundle: Bundle, cut: Cut, binding: sealing.Binding, sealed: bytes, guard: sealing.ReplayGuard
-    ) -> tuple[dict[str, np.ndarray], bytes]:
-        """Open the seal (replay-checked) and decode the frontier, validated against the cut.
-
-        Work sized by the frame runs on a thread: the seal by its sealed size, the decode by the
-        size the header promises (read first, cheaply, and checked against the bundle).
-        """
+    async def _open_seal(
+        self, binding: sealing.Binding, sealed: bytes, guard: sealing.ReplayGuard
+    ) -> tuple[bytes, bytes]:
+        """Open the seal (replay-checked); a large frame is opened on a thread."""
         if len(sealed) > INLINE_OPEN_BYTES:
-            payload, key = await asyncio.to_thread(
-                sealing.open_request, self.ctx.key, binding, sealed, guard=guard
-            )
-        else:
-            payload, key = sealing.open_request(self.ctx.key, binding, sealed, guard=guard)
-        header = codec.header_of(payload, max_bytes=self.ctx.config.max_decoded_bytes)
-        _check_batch(bundle, header)
+            return await asyncio.to_thread(sealing.open_request, self.ctx.key, binding, sealed, guard=guard)
+        return sealing.open_request(self.ctx.key, binding, sealed, guard=guard)
+
+    async def _decode_frontier(
+        self, bundle: Bundle, cut: Cut, payload: bytes, header: codec.FrameHeader
+    ) -> dict[str, np.ndarray]:
+        """Decode the frontier, validated against the cut; on a thread when it decodes large.
+
+        The header (read first, cheaply) has already been checked against the rows cap and the
+        decoded-bytes budget, so this work is bounded before it starts.
+        """
         if header.decoded_bytes > INLINE_DECODE_BYTES:
-            return await asyncio.to_thread(self._decode, bundle, cut, payload), key
-        return self._decode(bundle, cut, payload), key
+            return await asyncio.to_thread(self._decode, bundle, cut, payload)
+        return self._decode(bundle, cut, payload)
 
     def _decode(self, bundle: Bundle, cut: Cut, payload: bytes) -> dict[str, np.ndarray]:
         pre = bundle.manifest.preprocess
@@ -235,37 +336,56 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             payload, cut.frontier, max_bytes=self.ctx.config.max_decoded_bytes, image_norm=norm
         )
 
-    def _failed(self, request_id: str, model: str, exc: EdgecutError) -> pb.Answer:
+    def _failed(
+        self,
+        request_id: str,
+        model: str,
+        exc: EdgecutError,
+        *,
+        sent_at_ms: int = 0,
+        seal: tuple[bytes, sealing.Binding] | None = None,
+    ) -> pb.Answer:
+        """A non-OK answer; authenticated (`seal`: response key, binding) once the request opened."""
         status = grpc.StatusCode[exc.grpc_status]
         self.ctx.metrics.requests.labels(self._label(model), status.name).inc()
-        log.info("rid=%s model=%s: %s: %s", request_id, model, status.name, exc)
+        log.debug("rid=%s model=%s: %s: %s", short(request_id), short(model), status.name, exc)
+        held_back = self.ctx.limits.logs.admit(status.name)
+        if held_back is not None:
+            log.info(
+                "request failed: %s: %s (%d more %s failure(s) not logged in the last %.0f s; -v shows all)",
+                status.name,
+                exc,
+                held_back,
+                status.name,
+                self.ctx.limits.logs.interval_s,
+            )
         message = f"{exc.message} (hint: {exc.hint})" if exc.hint else exc.message
-        return pb.Answer(request_id=request_id, code=status.value[0], message=message)
+        answer = pb.Answer(
+            request_id=request_id[: sealing.MAX_FIELD_BYTES],
+            code=status.value[0],
+            message=message,
+            sent_at_ms=sent_at_ms,
+            server_queue_delay_ms=self.ctx.batcher.queue_delay_ms(),
+        )
+        if seal is not None:
+            response_key, binding = seal
+            answer.sealed = sealing.seal_response(response_key, binding, b"", framing.answer_meta(answer))
+        return answer
 
     def _label(self, model: str) -> str:
         """Metric label: served model names only, so clients cannot grow the label space."""
         return model if any(e.key[0] == model for e in self.ctx.registry.entries()) else "unknown"
 
 
-async def _authenticate(
-    grants: dict[str, DeviceGrant] | None, context: grpc.aio.ServicerContext
-) -> DeviceGrant | None:
-    if grants is None:
-        return None
-    metadata = dict(context.invocation_metadata() or ())
-    scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
-    grant = grants.get(token.strip()) if scheme.lower() == "bearer" else None
-    if grant is None:
-        error = AuthError("missing or unknown device token (metadata 'authorization: Bearer …')")
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, error.message)
-    return grant
-
-
-def _check_batch(bundle: Bundle, header: codec.FrameHeader) -> None:
-    """Refuse a batch a non-batchable bundle cannot run, before paying for its decode."""
-    rows = {t.shape[0] for t in header.tensors if t.shape}
-    if not bundle.manifest.batchable and rows - {1}:
-        raise CodecError(f"{bundle.name} is not batchable: send one item per frame, not {max(rows)}")
+def _done(
+    tasks: dict[str, asyncio.Task[None]],
+    rid: str,
+    in_flight: PerKeyCap,
+    identity: str,
+    _task: asyncio.Task[None],
+) -> None:
+    tasks.pop(rid, None)
+    in_flight.release(identity)
 
 
 def _model_info(entry: Entry) -> pb.ModelInfo:
@@ -304,12 +424,17 @@ class TailServer:
         return self.ctx.registry
 
     async def start(self) -> None:
+        c = self.ctx.config
+        if c.metrics_port is not None:  # first: a taken metrics port must stop us before serving
+            try:
+                self.metrics_port = self.ctx.metrics.serve_http(c.host, c.metrics_port)
+            except OSError as exc:
+                raise AddressInUseError(
+                    f"cannot serve metrics on {c.host}:{c.metrics_port}: {exc.strerror or exc}",
+                    hint="pick another --metrics-port, or stop what holds it",
+                ) from None
         await self.sync_health()
         await self.grpc.start()
-        if self.ctx.config.metrics_port is not None:
-            self.metrics_port = self.ctx.metrics.serve_http(
-                self.ctx.config.host, self.ctx.config.metrics_port
-            )
         if self.ctx.config.poll_interval_s > 0:
             self._poller = asyncio.create_task(self._poll(self.ctx.config.poll_interval_s))
 
@@ -363,7 +488,12 @@ async def create_server(
     `executor` replaces the ONNX Runtime one (tests use it to gate or count compute).
     """
     ctx, pool = await build_context(config, executor=executor)
-    server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
+    # SO_REUSEPORT off: with it, a second server on a busy port "listens" and the kernel splits
+    # connections between the two (with different keys, half the edges fail).
+    server = grpc.aio.server(
+        options=[*grpc_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
     edgecut_pb2_grpc.add_TailServiceServicer_to_server(TailServicer(ctx), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -382,6 +512,11 @@ async def build_context(
     key = load_service_private(config.key)
     signing = load_signing_public(config.signing_pub) if config.signing_pub else None
     grants = load_tokens(config.tokens) if config.tokens else None
+    if grants is not None and config.tls_cert is None:
+        log.warning(
+            "INSECURE: device tokens are accepted over plaintext gRPC; anyone on the path can read "
+            "and reuse them. Serve with --tls-cert/--tls-key."
+        )
     executor = executor or OrtExecutor(
         OrtOptions(config.resolved_providers, config.threads), config.session_cache
     )
@@ -414,6 +549,7 @@ async def build_context(
         batcher,
         executor,
         metrics,
+        Limits.of(config),
     )
     return ctx, pool
 
@@ -432,10 +568,13 @@ def _bind(server: grpc.aio.Server, config: ServeConfig) -> int:
         else:
             port = server.add_insecure_port(address)
     except (OSError, RuntimeError) as exc:
-        raise UsageError(f"cannot listen on {address}: {exc}") from None
+        raise AddressInUseError(f"cannot listen on {address}: {exc}", hint=_PORT_HINT) from None
     if not port:
-        raise UsageError(f"cannot listen on {address} (port in use?)")
+        raise AddressInUseError(f"cannot listen on {address}: the port is in use", hint=_PORT_HINT)
     return port
+
+
+_PORT_HINT = "another process (maybe another `edgecut cloud serve`) holds it; pick another --port"
 
 
 async def serve(
@@ -444,7 +583,11 @@ async def serve(
 ) -> int:
     """Run until SIGTERM/SIGINT, then drain for `config.grace_s` and return 0."""
     server, port = await create_server(config)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

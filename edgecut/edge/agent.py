@@ -231,7 +231,11 @@ class Agent:
     def _recover(self, work: _Work, exc: EdgecutError) -> Result:
         if self.options.fallback == "local":
             log.info("%s: cloud failed (%s); computing cut %s locally", work.item.name, exc, work.cut)
-            return self._local(work, str(exc))
+            try:
+                return self._local(work, str(exc))
+            except Exception as local:  # the input still gets its one result: a failed one
+                log.debug("local fallback failed", exc_info=True)
+                return self._failed(work, f"cloud: {exc}; local fallback: {type(local).__name__}: {local}")
         if is_retryable(exc) and work.attempts < 2:
             log.info("%s: cloud failed (%s); retrying once with a fresh request id", work.item.name, exc)
             self._submit(work)

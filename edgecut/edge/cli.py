@@ -122,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="when the cloud cannot answer: compute locally, or retry once then fail",
     )
     p.add_argument("--deadline-ms", type=int, default=2000, help="per request (default 2000)")
-    p.add_argument("--min-cut", type=int, default=0, help="auto: never cut shallower than this")
+    p.add_argument("--min-cut", default="0", help="never cut shallower than this cut id or depth")
     p.add_argument("--edge-profile", type=Path, help="auto: edge timings from this profile")
     p.add_argument("--signing-pub", type=Path, help="require a bundle signed with this key")
     p.add_argument(

@@ -40,9 +40,9 @@ from edgecut.errors import (
     SealError,
     UnavailableError,
 )
-from edgecut.framing import RequestHead, grpc_options, split
+from edgecut.framing import answer_meta, build_request, cancel_frame, grpc_options
 from edgecut.keys import ServicePublicKey, key_id
-from edgecut.sealing import Binding, open_response, seal_request
+from edgecut.sealing import Binding, device_identity, open_response
 from edgecut.v1 import edgecut_pb2 as pb
 from edgecut.v1 import edgecut_pb2_grpc
 
@@ -208,6 +208,7 @@ class TailSession:
         self._failures = 0  # consecutive failed connects, for the backoff
         self._retry_at = 0.0  # perf_counter before which no reconnect is tried
         self._metadata = [("authorization", f"Bearer {config.token}")] if config.token else []
+        self.identity = device_identity(config.token, config.tls_cert)  # bound into every seal
 
     def connect(self) -> ServerDescription:
         """Open channel + stream after checking ServerInfo; raises on a wrong or absent server."""
@@ -272,6 +273,11 @@ class TailSession:
                 f"{reply.key_id}, but --server-key is key {mine}",
                 hint="copy this server's service.pub to the device",
             )
+        if reply.identity and reply.identity != self.identity:
+            raise SealError(
+                f"{c.target} authenticates this device as {reply.identity}, but it seals as {self.identity}",
+                hint="a client certificate counts only where the server requires one (--client-ca)",
+            )
         times = serverinfo.tail_info(reply, model).times
         return ServerDescription(reply.key_id, reply.device, reply.queue_delay_ms, times)
 
@@ -280,17 +286,26 @@ class TailSession:
         stream = self._ensure_stream()
         c = self.config
         rid = uuid.uuid4().hex
-        binding = Binding(c.model, c.version, cut, rid)
-        sealed, response_key = seal_request(c.server_key, binding, payload)
         now_ms = time.time_ns() // 1_000_000
-        head = RequestHead(rid, c.model, c.version, cut, now_ms + c.deadline_ms, now_ms)
+        request = build_request(
+            c.server_key,
+            payload=payload,
+            model=c.model,
+            version=c.version,
+            cut=cut,
+            identity=self.identity,
+            deadline_ms=now_ms + c.deadline_ms,
+            request_id=rid,
+            now_ms=now_ms,
+        )
+        binding, response_key, sealed_bytes = request.binding, request.response_key, request.sealed_bytes
         future: Future[Reply] = Future()
         start = time.perf_counter()
         with self._lock:
             if self._stream is not stream:  # broke while sealing: `_on_broken` has already run
                 raise UnavailableError(f"stream to {c.target} broke before the request was sent")
-            self._pending[rid] = _Pending(future, binding, response_key, len(sealed), start, stream)
-        stream.send(split(head, sealed))
+            self._pending[rid] = _Pending(future, binding, response_key, sealed_bytes, start, stream)
+        stream.send(request.frames)
         return Ticket(rid, future, start + c.deadline_ms / 1e3)
 
     def _ensure_stream(self) -> _Stream:
@@ -318,9 +333,10 @@ class TailSession:
             return ticket.future.result(max(0.0, ticket.deadline - time.perf_counter()))
         except FutureTimeout:
             with self._lock:
-                mine = self._pending.pop(ticket.request_id, None) is not None
-            if not mine:  # the answer won the race
+                pending = self._pending.pop(ticket.request_id, None)
+            if pending is None:  # the answer won the race
                 return ticket.future.result()
+            pending.stream.send([cancel_frame(ticket.request_id)])  # the server drops it
             raise DeadlineError(
                 f"request {ticket.request_id}: no answer within {self.config.deadline_ms} ms"
             ) from None
@@ -333,6 +349,8 @@ class TailSession:
         stub = self._stub
         if stub is None:
             raise UnavailableError(f"tail service {self.config.target}: not connected")
+        # The server replies at most 16x the request (no amplification): pad the upload to match.
+        payload_bytes = max(payload_bytes, -(-reply_bytes // 16))
         t0 = time.perf_counter()
         try:
             stub.Probe(
@@ -361,13 +379,16 @@ class TailSession:
         if pending is None:
             log.debug("answer for unknown or expired request %r dropped", answer.request_id)
             return
-        if answer.code != 0:
-            pending.future.set_exception(answer_error(answer.code, answer.message))
-            return
-        try:
-            payload = open_response(pending.response_key, pending.binding, answer.sealed)
+        try:  # status, message, timings and queue delay are authenticated with the payload
+            if answer.code == 0 or answer.sealed:
+                payload = open_response(
+                    pending.response_key, pending.binding, answer.sealed, answer_meta(answer)
+                )
         except SealError as exc:
             pending.future.set_exception(exc)
+            return
+        if answer.code != 0:
+            pending.future.set_exception(answer_error(answer.code, answer.message))
             return
         t = answer.timings
         timings = ServerTimings(t.queue_ms, t.decode_ms, t.compute_ms, t.encode_ms, t.batch_size)

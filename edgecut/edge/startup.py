@@ -42,7 +42,7 @@ class EdgeConfig:
     in_flight: int = 4  # most requests outstanding on the stream
     fallback: str = "local"  # "local" or "fail" when the cloud cannot answer
     deadline_ms: int = 2000  # per request, ms
-    min_cut: int = 0  # auto: cuts shallower than this depth are never used (privacy)
+    min_cut: int | str = 0  # cut id or depth: shallower cuts are never used, fixed or auto (privacy)
     edge_profile: Path | None = None  # auto: edge timings from a profile instead of measuring
     signing_pub: Path | None = None  # require the bundle to be signed with this key
     token: str | None = field(default=None, repr=False)  # per-device token
@@ -93,6 +93,19 @@ def _connect(session: TailSession, fallback: str) -> None:
         log.warning("%s; computing locally until it is reachable", exc)
 
 
+def _min_depth(config: EdgeConfig, bundle: Bundle) -> int:
+    """`--min-cut` as a depth (a cut id or a number); a fixed cut shallower than it is refused."""
+    m, text = bundle.manifest, str(config.min_cut).strip()
+    depth = int(text) if text.isdigit() else m.cut(text).depth
+    if config.cut != "auto" and m.cut(config.cut).depth < depth:
+        raise UsageError(
+            f"--cut {config.cut} (depth {m.cut(config.cut).depth}) is shallower than --min-cut "
+            f"{config.min_cut} (depth {depth}): it would send more of the input than allowed",
+            hint="choose a deeper cut, or --cut auto",
+        )
+    return depth
+
+
 @contextlib.contextmanager
 def start_agent(config: EdgeConfig) -> Iterator[Agent]:
     """Load and verify the bundle, start runtimes, connect, and close the session afterwards."""
@@ -104,13 +117,14 @@ def start_agent(config: EdgeConfig) -> Iterator[Agent]:
     head = tail if config.runtime == "ort" else make_runner(bundle, config.runtime, options)
     # One untimed pass: the first run of a session allocates, and would skew timings and plans.
     tail.run({s.name: np.zeros(s.shape, s.dtype) for s in m.inputs}, 0, len(m.segments) - 1)
+    min_depth = _min_depth(config, bundle)
     session = _session(config, bundle)
     if session is not None:
+        if config.token and config.tls_ca is None:
+            log.warning("INSECURE: sending the device token over plaintext; use --tls-ca")
         _connect(session, config.fallback)
     choice: CutChoice = (
-        AutoCut(
-            bundle, head, session, config.codec, min_depth=config.min_cut, edge_profile=config.edge_profile
-        )
+        AutoCut(bundle, head, session, config.codec, min_depth=min_depth, edge_profile=config.edge_profile)
         if config.cut == "auto"
         else FixedCut(bundle, config.cut, config.codec)
     )

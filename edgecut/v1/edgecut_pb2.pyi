@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Frame(_message.Message):
-    __slots__ = ("request_id", "model", "version", "cut", "chunk_index", "chunk_count", "total_bytes", "sealed", "deadline_ms", "sent_at_ms")
+    __slots__ = ("request_id", "model", "version", "cut", "chunk_index", "chunk_count", "total_bytes", "sealed", "deadline_ms", "sent_at_ms", "cancel")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class Frame(_message.Message):
     SEALED_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: str
@@ -28,7 +29,8 @@ class Frame(_message.Message):
     sealed: bytes
     deadline_ms: int
     sent_at_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., cut: _Optional[str] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sealed: _Optional[bytes] = ..., deadline_ms: _Optional[int] = ..., sent_at_ms: _Optional[int] = ...) -> None: ...
+    cancel: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., cut: _Optional[str] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sealed: _Optional[bytes] = ..., deadline_ms: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., cancel: _Optional[bool] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "decode_ms", "compute_ms", "encode_ms", "batch_size")
@@ -113,7 +115,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., cuts: _Optional[_Iterable[_Union[CutInfo, _Mapping]]] = ..., manifest_sha256: _Optional[str] = ...) -> None: ...
 
 class ServerInfoReply(_message.Message):
-    __slots__ = ("models", "key_id", "key_suite", "queue_delay_ms", "device", "max_message_bytes", "server_version")
+    __slots__ = ("models", "key_id", "key_suite", "queue_delay_ms", "device", "max_message_bytes", "server_version", "identity", "max_rows_per_request")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_SUITE_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +123,8 @@ class ServerInfoReply(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     key_id: str
     key_suite: str
@@ -128,4 +132,6 @@ class ServerInfoReply(_message.Message):
     device: str
     max_message_bytes: int
     server_version: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., key_id: _Optional[str] = ..., key_suite: _Optional[str] = ..., queue_delay_ms: _Optional[float] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    identity: str
+    max_rows_per_request: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., key_id: _Optional[str] = ..., key_suite: _Optional[str] = ..., queue_delay_ms: _Optional[float] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., identity: _Optional[str] = ..., max_rows_per_request: _Optional[int] = ...) -> None: ...

@@ -12,8 +12,6 @@ import dataclasses
 import queue
 import shutil
 import threading
-import time
-import uuid
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,25 +126,23 @@ class EdgeClient:
         """Frames for one request; `head` overrides model/version in the frame and the seal."""
         m = self.manifest
         fields = {"model": m.model, "version": m.version, "cut": cut, **head}
-        binding = sealing.Binding(request_id=request_id or uuid.uuid4().hex, **fields)
         norm = (m.preprocess.mean, m.preprocess.std)
         specs = [TensorSpec(k, tuple(v.shape), str(v.dtype)) for k, v in feeds.items()]
         if payload is None:
             payload = codec.encode(feeds, specs, spec, image_norm=norm)
-        sealed, response_key = sealing.seal_request(public or self.public, binding, payload)
-        rhead = framing.RequestHead(
-            binding.request_id,
-            binding.model,
-            binding.version,
-            binding.cut,
-            deadline_ms,
-            time.time_ns() // 1_000_000,
+        request = framing.build_request(
+            public or self.public,
+            payload=payload,
+            request_id=request_id,
+            deadline_ms=deadline_ms,
+            **fields,
         )
-        return Pending(framing.split(rhead, sealed), binding, response_key)
+        return Pending(request.frames, request.binding, request.response_key)
 
     def result(self, answer: pb.Answer, pending: Pending) -> dict[str, np.ndarray]:
         assert answer.code == 0, f"code {answer.code}: {answer.message}"
-        payload = sealing.open_response(pending.response_key, pending.binding, answer.sealed)
+        meta = framing.answer_meta(answer)
+        payload = sealing.open_response(pending.response_key, pending.binding, answer.sealed, meta)
         return codec.decode(payload, self.manifest.outputs)
 
 

@@ -162,7 +162,7 @@ def test_a_tiny_frame_that_decodes_large_is_decoded_off_the_loop(
     zeros = {spec.name: np.zeros((4, *spec.shape[1:]), spec.dtype)}  # 2.4 MB, ~1 KB packed
     pending = edge.request(zeros, "input", spec=codec.CodecSpec("none", zstd_level=1))
     assert sum(len(f.sealed) for f in pending.frames) < 16 << 10
-    with tail_server() as h, h.channel() as ch:
+    with tail_server(max_rows_per_request=4) as h, h.channel() as ch:
         loop_thread = h.call(_thread_id())
         stream = Stream(h.stub(ch))
         stream.send(pending)
@@ -229,11 +229,11 @@ def test_stalled_partial_requests_expire() -> None:
 
 
 def test_a_client_that_never_reads_is_held_back(tail_server: Any) -> None:
-    sent = 5_000
+    sent = 40_000
     with tail_server() as h, h.channel() as ch:
         stream = Stream(h.stub(ch))
-        # Each is refused (chunk 1 without chunk 0), its answer echoing the long id: 4 KB each.
-        stream.send([pb.Frame(request_id=f"{i:06d}" + "x" * 2000, chunk_index=1) for i in range(sent)])
+        # Each is refused (chunk 1 without chunk 0), its answer echoing the id (the longest allowed).
+        stream.send([pb.Frame(request_id=f"{i:06d}" + "x" * 250, chunk_index=1) for i in range(sent)])
         registry = h.server.ctx.metrics.registry
 
         def answered() -> float:
@@ -275,10 +275,8 @@ def test_deadlines_survive_clock_skew(
     budget_ms: int,
     expected: str,
 ) -> None:
-    pending = edge.request(feeds, cut)
-    head = pending.frames[0]
-    head.sent_at_ms = now_ms() + skew_ms
-    head.deadline_ms = head.sent_at_ms + budget_ms
+    sent_at_ms = now_ms() + skew_ms  # both are bound into the seal: set them when sealing
+    pending = edge.request(feeds, cut, now_ms=sent_at_ms, deadline_ms=sent_at_ms + budget_ms)
     with tail_server() as h, h.channel() as ch:
         stream = Stream(h.stub(ch))
         stream.send(pending)

@@ -28,6 +28,7 @@ from edgecut.bundle import Bundle
 from edgecut.cloud.executor import OrtExecutor
 from edgecut.keys import KeyPaths, generate_keys, key_id, load_service_public
 from edgecut.runtime import OrtOptions
+from edgecut.sealing import device_identity
 from edgecut.v1 import edgecut_pb2 as pb
 
 OK = 0
@@ -277,6 +278,7 @@ def test_device_tokens(
 ) -> None:
     tokens = tmp_path / "tokens.txt"
     tokens.write_text(f"# token device models\ntok-a cam-1\ntok-b cam-2 other-model,{edge.manifest.model}x\n")
+    tokens.chmod(0o600)
     feeds = edge.frontier(photos[0], cuts[2])
     with tail_server(tokens=tokens) as h, h.channel() as ch:
         stub = h.stub(ch)
@@ -287,10 +289,11 @@ def test_device_tokens(
             stub.ServerInfo(pb.ServerInfoRequest(), metadata=[("authorization", "Bearer nope")])
         assert unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED
         limited = Stream(stub, metadata=[("authorization", "Bearer tok-b")])
-        assert infer_one(limited, edge, feeds, cuts[2]).code == CODE["PERMISSION_DENIED"]
+        b = device_identity("tok-b")
+        assert infer_one(limited, edge, feeds, cuts[2], identity=b).code == CODE["PERMISSION_DENIED"]
         limited.close()
         allowed = Stream(stub, metadata=[("authorization", "Bearer tok-a")])
-        assert infer_one(allowed, edge, feeds, cuts[2]).code == OK
+        assert infer_one(allowed, edge, feeds, cuts[2], identity=device_identity("tok-a")).code == OK
         allowed.close()
 
 

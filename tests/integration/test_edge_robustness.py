@@ -272,19 +272,19 @@ def test_reader_crash_fails_requests_fast_and_reconnects(
 def test_stream_breaking_during_submit_fails_at_once(
     tail_server: Any, session_for: Any, c06_payload: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_seal = session_module.seal_request
+    real_build = session_module.build_request
     with tail_server() as server:
         session = session_for(server.port)
         session.connect()
 
-        def seal_while_the_stream_dies(*args: Any) -> Any:
+        def seal_while_the_stream_dies(*args: Any, **kwargs: Any) -> Any:
             stream = session._stream
             assert stream is not None
             stream._call.cancel()
             stream._reader.join(5)
-            return real_seal(*args)
+            return real_build(*args, **kwargs)
 
-        monkeypatch.setattr(session_module, "seal_request", seal_while_the_stream_dies)
+        monkeypatch.setattr(session_module, "build_request", seal_while_the_stream_dies)
         with pytest.raises(UnavailableError, match="broke before the request was sent"):
             session.submit("c06", c06_payload)
 

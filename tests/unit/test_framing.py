@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edgecut import keys, sealing
 from edgecut.errors import CodecError, FrameTooLargeError
-from edgecut.framing import Reassembler, RequestHead, split
+from edgecut.framing import Reassembler, RequestHead, build_request, split
 
 HEAD = RequestHead("r1", "effl0", "1", "c05", 0, 123)
 
@@ -77,3 +79,57 @@ def _set(frame, **kw):  # type: ignore[no-untyped-def]
     for k, v in kw.items():
         setattr(f, k, v)
     return f
+
+
+# Issue 12: string fields capped before anything is buffered; cancel; one way to build a request.
+
+
+@pytest.mark.parametrize("field", ["model", "version", "cut"])
+def test_long_fields_are_refused_at_chunk_0(field: str) -> None:
+    frame = _set(split(HEAD, b"x" * 30, 10)[0], **{field: "m" * 300})
+    r = Reassembler()
+    with pytest.raises(CodecError, match=f"{field} is 300 bytes; at most 256"):
+        r.add(frame)
+    assert r.drop() == 0
+
+
+def test_a_long_request_id_is_refused_on_any_chunk_and_never_echoed_whole() -> None:
+    frame = _set(split(HEAD, b"x" * 30, 10)[1], request_id="r" * 5000)
+    with pytest.raises(CodecError, match="longer than 256 bytes") as info:
+        Reassembler().add(frame)
+    assert len(str(info.value)) < 200
+
+
+def test_cancel_forgets_a_partial_request() -> None:
+    r = Reassembler()
+    frames = split(HEAD, b"x" * 30, 10)
+    assert r.add(frames[0]) is None
+    assert r.cancel(HEAD.request_id) and not r.cancel(HEAD.request_id)
+    with pytest.raises(CodecError, match="without chunk 0"):
+        r.add(frames[1])
+
+
+def test_build_request_binds_what_the_frames_say(tmp_path: Path) -> None:
+    paths = keys.generate_keys(tmp_path)
+    public, private = (
+        keys.load_service_public(paths.service_pub),
+        keys.load_service_private(paths.service_key),
+    )
+    request = build_request(
+        public,
+        payload=b"p" * 100,
+        model="m",
+        version="1",
+        cut="c",
+        identity="token:x",
+        deadline_ms=5000,
+        now_ms=4000,
+        chunk_bytes=64,
+    )
+    assert len(request.frames) > 1 and Reassembler().add(request.frames[0]) is None
+    whole = Reassembler()
+    out = [whole.add(f) for f in request.frames][-1]
+    assert out is not None
+    head, sealed = out
+    assert head.binding("token:x") == request.binding
+    assert sealing.open_request(private, head.binding("token:x"), sealed)[0] == b"p" * 100

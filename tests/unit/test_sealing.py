@@ -60,8 +60,12 @@ def test_empty_payload_round_trips(pair: KeyPair) -> None:
 
 
 def test_binding_info_golden_bytes() -> None:
-    info = Binding("m", "v1", "", "r").info()
-    assert info == b"edgecut/v1 request\x00\x00\x01m\x00\x02v1\x00\x00\x00\x01r"
+    info = Binding("m", "v1", "", "r", "anonymous", 7, 5).info()
+    assert info == (
+        b"edgecut/v1 request\x00\x00\x01m\x00\x02v1\x00\x00\x00\x01r\x00\x09anonymous"
+        + (7).to_bytes(8, "big")
+        + (5).to_bytes(8, "big")
+    )
     assert Binding("m", "v1", "", "r").response_info().startswith(b"edgecut/v1 response\x00")
 
 
@@ -295,3 +299,40 @@ def test_device_guards_isolate_devices() -> None:
     assert guards.for_device("pi-7") is flooder and guards.for_device(None) is not flooder
     with pytest.raises(ReplayError):
         guards.for_device("jetson-2").check("j0", now, now)  # still a replay for that device
+
+
+# Issue 12: the sender's identity and the frame's times are bound; answer metadata is authenticated.
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"identity": "token:other"}, {"deadline_ms": 2}, {"sent_at_ms": 2}],
+    ids=lambda c: next(iter(c)),
+)
+def test_identity_and_times_are_bound_into_the_seal(pair: KeyPair, change: dict[str, object]) -> None:
+    mine = replace(BINDING, identity="token:mine", deadline_ms=1, sent_at_ms=1)
+    frame, _ = sealing.seal_request(pair[1], mine, PAYLOAD, now_ms=NOW_MS)
+    assert sealing.open_request(pair[0], mine, frame)[0] == PAYLOAD
+    with pytest.raises(SealError, match="did not open"):
+        sealing.open_request(pair[0], replace(mine, **change), frame)  # type: ignore[arg-type]
+
+
+def test_device_identity_names_the_credential_never_the_secret() -> None:
+    token_id = sealing.device_identity("tok-secret-1")
+    assert token_id.startswith("token:") and "secret" not in token_id
+    assert token_id == sealing.device_identity("tok-secret-1") != sealing.device_identity("tok-secret-2")
+    assert sealing.device_identity(None, None) == sealing.ANONYMOUS
+    with pytest.raises(SealError, match="not a PEM certificate"):
+        sealing.device_identity(None, b"not a cert")
+
+
+@pytest.mark.parametrize(
+    "change", [{"code": 14}, {"message": "x"}, {"queue_ms": 9.0}, {"batch_size": 3}, {"queue_delay_ms": 1.0}]
+)
+def test_answer_metadata_is_authenticated(change: dict[str, object]) -> None:
+    key = os.urandom(sealing.RESPONSE_KEY_BYTES)
+    meta = sealing.AnswerMeta(code=0, queue_ms=1.5, batch_size=2, sent_at_ms=7, queue_delay_ms=0.5)
+    answer = sealing.seal_response(key, BINDING, b"out", meta)
+    assert sealing.open_response(key, BINDING, answer, meta) == b"out"
+    with pytest.raises(SealError, match="did not open"):
+        sealing.open_response(key, BINDING, answer, replace(meta, **change))  # type: ignore[arg-type]
