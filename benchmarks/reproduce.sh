@@ -18,3 +18,4 @@ python benchmarks/netem_validate.py
 python benchmarks/edge_loopback.py
 python benchmarks/cloud_throughput.py
 python benchmarks/cloud_throughput.py --cut c05 --out benchmarks/results/cloud_throughput_c05
+python benchmarks/reliability.py --bundle bundles/effl0
