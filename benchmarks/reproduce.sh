@@ -18,4 +18,3 @@ python benchmarks/netem_validate.py
 python benchmarks/edge_loopback.py
 python benchmarks/cloud_throughput.py
 python benchmarks/cloud_throughput.py --cut c05 --out benchmarks/results/cloud_throughput_c05
-python benchmarks/reliability.py --bundle bundles/effl0
