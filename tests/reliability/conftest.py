@@ -59,7 +59,7 @@ def factory(
     return FrameFactory(rel_edge, calm_feeds, CALM_CUT, OTHER_CUT, other, stranger, random.Random(12))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def service(
     rel_bundles: Path, rel_keys: KeyPaths, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:

@@ -10,7 +10,7 @@ from support import EdgeClient
 
 from edgecut.keys import KeyPaths
 
-INPUTS = 100  # short profile; the benchmark runs several rounds of every fault
+INPUTS = 80  # short profile; the benchmark runs several rounds of every fault
 
 
 def test_every_input_answered_exactly_once_through_faults(
