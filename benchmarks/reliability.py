@@ -97,7 +97,7 @@ def campaign(
         "by_category": tally.by_category,
         "unexpected_count": len(tally.bad),
         "unexpected_by_category": _count_prefix(tally.bad),
-        "unexpected_examples": tally.bad[:40],
+        "unexpected_examples": _first_per_prefix(tally.bad, 5),
         "forbidden_statuses_seen": sorted(seen & FORBIDDEN),
         "serving_after": still_serving,
         "well_behaved": {
@@ -114,6 +114,18 @@ def campaign(
         "threads": {"before": before.threads, "after": after.threads},
         "samples": [[round(t, 2), v.rss_kb] for t, v in sampler.samples],
     }
+
+
+def _first_per_prefix(bad: list[str], n: int) -> list[str]:
+    """Up to `n` examples of each category, so a rare kind is not hidden behind a common one."""
+    taken: dict[str, int] = {}
+    out = []
+    for line in bad:
+        key = line.split(":", 1)[0]
+        if taken.get(key, 0) < n:
+            taken[key] = taken.get(key, 0) + 1
+            out.append(line)
+    return out
 
 
 def _count_prefix(bad: list[str]) -> dict[str, int]:
