@@ -14,10 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from edgecut.errors import BundleError, UsageError
+from edgecut.errors import BundleError, OnnxRuntimeMissing, UsageError
+
+try:  # the `ort` extra, or NVIDIA's onnxruntime-gpu on a Jetson: both install the `onnxruntime` module
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+except ModuleNotFoundError as exc:
+    raise OnnxRuntimeMissing(
+        "ONNX Runtime is not installed (neither onnxruntime nor onnxruntime-gpu)",
+        hint='pip install "edgecut[edge]" — on a Jetson install NVIDIA\'s onnxruntime-gpu wheel for '
+        "your JetPack instead (docs/devices.md)",
+    ) from exc
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",

@@ -131,6 +131,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", type=Path, help="PEM roots: use TLS")
     p.add_argument("--tls-cert", type=Path, help="client certificate for mTLS")
     p.add_argument("--tls-key", type=Path, help="client key for mTLS")
+    p.add_argument("--device-key", type=Path, help="device.key: open a bundle encrypted for this device")
+    p.add_argument(
+        "--precision",
+        choices=("float", "int8", "auto"),
+        default="float",
+        help="edge head precision: int8 needs an int8 head in the bundle; auto lets the planner choose",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per result")
     p.set_defaults(func=run)
 
@@ -155,6 +162,8 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        device_key=args.device_key,
+        precision=args.precision,
     )
 
 

@@ -21,8 +21,10 @@ from edgecut.edge.cutchoice import AutoCut, CutChoice, FixedCut
 from edgecut.edge.runner import OrtRunner, make_runner
 from edgecut.edge.session import SessionConfig, TailSession
 from edgecut.errors import UnavailableError, UsageError
-from edgecut.keys import load_service_public, load_signing_public
+from edgecut.keys import load_device_private, load_service_public, load_signing_public
+from edgecut.protect import ModelFiles
 from edgecut.runtime import OrtOptions
+from edgecut.variants import FLOAT, check_precision, head_variants
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class EdgeConfig:
     tls_ca: Path | None = None  # PEM roots for a TLS channel
     tls_cert: Path | None = None  # client certificate (mTLS)
     tls_key: Path | None = None  # client key (mTLS)
+    device_key: Path | None = None  # device.key: opens a bundle encrypted for this device
+    precision: str = FLOAT  # edge head: "float", "int8" (needs an int8 head), or "auto" (planner)
 
 
 def _read(path: Path | None) -> bytes | None:
@@ -93,6 +97,19 @@ def _connect(session: TailSession, fallback: str) -> None:
         log.warning("%s; computing locally until it is reachable", exc)
 
 
+def _precisions(precision: str, variants: tuple[str, ...]) -> tuple[str, ...]:
+    """What the planner may choose from: "auto" = float and every variant the bundle has."""
+    return (FLOAT, *variants) if precision == "auto" else (precision,)
+
+
+def _fixed_precision(bundle: Bundle, config: EdgeConfig) -> str:
+    """A fixed cut with "auto": the variant where it is offered at that cut, else float."""
+    if config.precision != "auto":
+        return config.precision
+    offered = [p for p, v in head_variants(bundle.manifest).items() if v.offered(config.cut)]
+    return offered[0] if offered else FLOAT
+
+
 @contextlib.contextmanager
 def start_agent(config: EdgeConfig) -> Iterator[Agent]:
     """Load and verify the bundle, start runtimes, connect, and close the session afterwards."""
@@ -100,8 +117,11 @@ def start_agent(config: EdgeConfig) -> Iterator[Agent]:
     bundle = load_bundle(config.bundle, public_key=signing, require_signature=signing is not None)
     m = bundle.manifest
     options = OrtOptions(config.providers, config.threads)
-    tail = OrtRunner(bundle, options)
-    head = tail if config.runtime == "ort" else make_runner(bundle, config.runtime, options)
+    check_precision(m, config.precision, None if config.cut == "auto" else config.cut)
+    files = ModelFiles(bundle, load_device_private(config.device_key) if config.device_key else None)
+    variants = () if config.precision == FLOAT else tuple(head_variants(m))
+    tail = OrtRunner(bundle, options, files, variants if config.runtime == "ort" else ())
+    head = tail if config.runtime == "ort" else make_runner(bundle, config.runtime, options, files)
     # One untimed pass: the first run of a session allocates, and would skew timings and plans.
     tail.run({s.name: np.zeros(s.shape, s.dtype) for s in m.inputs}, 0, len(m.segments) - 1)
     session = _session(config, bundle)
@@ -109,10 +129,16 @@ def start_agent(config: EdgeConfig) -> Iterator[Agent]:
         _connect(session, config.fallback)
     choice: CutChoice = (
         AutoCut(
-            bundle, head, session, config.codec, min_depth=config.min_cut, edge_profile=config.edge_profile
+            bundle,
+            head,
+            session,
+            config.codec,
+            min_depth=config.min_cut,
+            edge_profile=config.edge_profile,
+            precisions=_precisions(config.precision, variants),
         )
         if config.cut == "auto"
-        else FixedCut(bundle, config.cut, config.codec)
+        else FixedCut(bundle, config.cut, config.codec, _fixed_precision(bundle, config))
     )
     try:
         yield Agent(bundle, head, tail, session, choice, AgentOptions(config.in_flight, config.fallback))

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from edgecut.errors import DependencyError, UsageError
+from edgecut.partition.bundle_cli import add_quantize_options
 from edgecut.partition.cuts import DEFAULT_MAX_CUTS
 
 
@@ -40,6 +41,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tflite",
         action="store_true",
         help="also convert edge-side segments to LiteRT (.tflite); needs litert-torch",
+    )
+    p.add_argument(
+        "--int8-head",
+        action="store_true",
+        help="also write int8 edge heads (static QDQ), measured per cut on the --calibrate photos",
+    )
+    add_quantize_options(p, None)
+    p.add_argument(
+        "--encrypt-edge",
+        type=Path,
+        metavar="DEVICE_PUB",
+        help="also write an encrypted device copy (OUT.device) for this device.pub",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -80,6 +93,15 @@ def run(args: argparse.Namespace) -> int:
         from edgecut.partition.tflite import convert_bundle
 
         bundle = convert_bundle(bundle, signing_key=key)
+    if args.int8_head:
+        from edgecut.partition.int8 import quantize_bundle
+
+        bundle = quantize_bundle(bundle, args.calibrate or "builtin", budget=args.budget, signing_key=key)
+    device_copy = None
+    if args.encrypt_edge is not None:
+        from edgecut.partition.bundle_cli import protect
+
+        device_copy = protect(args.out, args.encrypt_edge, None, args.sign, args.force)
     v = bundle.manifest.verification
     if args.json:
         print(
@@ -89,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
                     "cuts": len(bundle.manifest.cuts),
                     "verification": v,
                     "signed": key is not None,
+                    "device_copy": str(device_copy) if device_copy else None,
                 }
             )
         )
