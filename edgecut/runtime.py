@@ -42,6 +42,23 @@ class OrtOptions:
 
     providers: tuple[str, ...] = ("cpu",)  # keys of PROVIDERS, tried in order
     threads: int = 0  # intra-op threads; 0 = ONNX Runtime's default (all cores)
+    # (provider key, option, value) for ORT's provider_options, e.g. ("tensorrt",
+    # "trt_engine_cache_enable", "True"); options of a provider this build lacks are dropped with it
+    provider_options: tuple[tuple[str, str, str], ...] = ()
+
+
+def tensorrt_options(cache_dir: str | None, fp16: bool) -> tuple[tuple[str, str, str], ...]:
+    """TensorRT EP options: an engine cache (a Jetson builds each segment's engine once, not at
+    every start) and FP16 kernels."""
+    opts: list[tuple[str, str, str]] = []
+    if cache_dir:
+        opts += [
+            ("tensorrt", "trt_engine_cache_enable", "True"),
+            ("tensorrt", "trt_engine_cache_path", cache_dir),
+        ]
+    if fp16:
+        opts.append(("tensorrt", "trt_fp16_enable", "True"))
+    return tuple(opts)
 
 
 def resolve_providers(names: Sequence[str]) -> list[str]:
@@ -70,7 +87,10 @@ def make_session(
     so.log_severity_level = 3
     source = str(model) if isinstance(model, Path) else model
     try:
-        return ort.InferenceSession(source, so, providers=resolve_providers(options.providers))
+        providers = resolve_providers(options.providers)
+        return ort.InferenceSession(
+            source, so, providers=providers, provider_options=_provider_options(options, providers)
+        )
     except (
         ort_errors.Fail,
         ort_errors.InvalidGraph,
@@ -81,6 +101,14 @@ def make_session(
     ) as exc:
         name = os.path.basename(str(model)) if isinstance(model, Path) else label
         raise BundleError(f"{name}: ONNX Runtime cannot load it: {exc}") from exc
+
+
+def _provider_options(options: OrtOptions, providers: Sequence[str]) -> list[dict[str, str]]:
+    """One dict per resolved provider, in order (ORT pairs them by position)."""
+    by_name: dict[str, dict[str, str]] = {}
+    for key, option, value in options.provider_options:
+        by_name.setdefault(PROVIDERS.get(key, key), {})[option] = value
+    return [by_name.get(p, {}) for p in providers]
 
 
 class SegmentChain:

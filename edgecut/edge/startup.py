@@ -53,6 +53,7 @@ class EdgeConfig:
     tls_key: Path | None = None  # client key (mTLS)
     device_key: Path | None = None  # device.key: opens a bundle encrypted for this device
     precision: str = FLOAT  # edge head: "float", "int8" (needs an int8 head), or "auto" (planner)
+    provider_options: tuple[tuple[str, str, str], ...] = ()  # (provider, option, value), e.g. TensorRT's
 
 
 def _read(path: Path | None) -> bytes | None:
@@ -116,7 +117,7 @@ def start_agent(config: EdgeConfig) -> Iterator[Agent]:
     signing = load_signing_public(config.signing_pub) if config.signing_pub else None
     bundle = load_bundle(config.bundle, public_key=signing, require_signature=signing is not None)
     m = bundle.manifest
-    options = OrtOptions(config.providers, config.threads)
+    options = OrtOptions(config.providers, config.threads, config.provider_options)
     check_precision(m, config.precision, None if config.cut == "auto" else config.cut)
     files = ModelFiles(bundle, load_device_private(config.device_key) if config.device_key else None)
     variants = () if config.precision == FLOAT else tuple(head_variants(m))

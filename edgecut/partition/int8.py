@@ -192,7 +192,10 @@ def _agree(logits: np.ndarray, reference: np.ndarray) -> float:
 
 
 def profile_heads(
-    bundle: Bundle, int8_files: Sequence[str], frontiers: Sequence[Mapping[str, np.ndarray]]
+    bundle: Bundle,
+    int8_files: Sequence[str],
+    frontiers: Sequence[Mapping[str, np.ndarray]],
+    runs: int = PROFILE_RUNS,
 ) -> dict[tuple[str, int, int], float]:
     """Median ms per (precision, threads, segment index) on one calibration sample.
 
@@ -208,7 +211,7 @@ def profile_heads(
     sessions = {k: _quiet_session(files[k[0]][k[2]], k[1]) for k in keys}
     feeds = {k: {n: v[:1] for n, v in frontiers[k[2]].items() if n in m.segments[k[2]].inputs} for k in keys}
     times: dict[tuple[str, int, int], list[float]] = {k: [] for k in keys}
-    order = [k for k in keys for _ in range(WARMUP_RUNS + PROFILE_RUNS)]
+    order = [k for k in keys for _ in range(WARMUP_RUNS + runs)]
     random.Random(0).shuffle(order)
     seen: dict[tuple[str, int, int], int] = dict.fromkeys(keys, 0)
     for k in order:
