@@ -130,12 +130,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke test: 8 samples, 3 runs")
     args = parser.parse_args()
     calib, heldout, runs = (8, 8, 3) if args.quick else (32, 64, 40)
+    rev = revision()  # at the start: the code that runs, whatever is edited meanwhile
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         measured = measure(Path(tmp), calib, heldout, runs)
     result = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "revision": revision(),
+        "revision": rev,
         "versions": versions(),
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),
