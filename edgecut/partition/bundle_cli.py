@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from edgecut.variants import DEFAULT_BUDGET
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,12 +64,13 @@ def protect(bundle: Path, device_pub: Path, out: Path | None, sign: Path | None,
     device = load_device_public(device_pub)
     out = out or bundle.with_name(bundle.name + ".device")
     protect_bundle(load_bundle(bundle), device, out, signing_key=_signing_key(sign), force=force)
-    print(f"{bundle} → {out}: model files encrypted for device key {key_id(device)}")
+    log.info("%s → %s: model files encrypted for device key %s", bundle, out, key_id(device))
     return out
 
 
 def run_protect(args: argparse.Namespace) -> int:
-    protect(args.bundle, args.device_key, args.out, args.sign, args.force)
+    out = protect(args.bundle, args.device_key, args.out, args.sign, args.force)
+    print(f"{args.bundle} → {out}: model files encrypted for the device key in {args.device_key}")
     return 0
 
 

@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
             "--tflite needs the LiteRT converter (litert-torch), not installed",
             hint="pip install litert-torch && pip install --no-deps onnx2torch",
         )
+    if args.encrypt_edge is not None:  # a wrong key file fails now, not after minutes of partitioning
+        from edgecut.keys import load_device_public
+
+        load_device_public(args.encrypt_edge)
     key = None
     if args.sign is not None:
         from edgecut.keys import load_signing_private
@@ -119,5 +123,6 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{bundle.name}: {len(bundle.manifest.cuts)} cuts → {args.out} "
             f"(verified: max |Δ| {v['max_abs_diff']:.2g}, {v['seconds']} s)"
+            + (f"; encrypted device copy → {device_copy}" if device_copy else "")
         )
     return 0

@@ -16,6 +16,7 @@ re-profile on the device before trusting the int8/float ratio there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -137,18 +138,38 @@ def quantize_segment(src: Path, dst: Path, frontier: Mapping[str, np.ndarray]) -
         raise DependencyError("int8 heads need onnxruntime's quantization tools and onnx") from exc
     names = [i.name for i in make_session(src).get_inputs()]
     dst.parent.mkdir(parents=True, exist_ok=True)
-    quantize_static(
-        str(src),
-        str(dst),
-        _Reader(frontier, names),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
-        calibration_providers=["CPUExecutionProvider"],
-    )
+    with _quiet_root_logger():
+        quantize_static(
+            str(src),
+            str(dst),
+            _Reader(frontier, names),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            calibration_providers=["CPUExecutionProvider"],
+        )
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime.quantization logs advice through the root logger (`logging.warning`, which
+    installs a stderr handler when the root has none) and its sessions' native warnings; keep
+    both out of the CLI's output."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    root = logging.getLogger()
+    level, quiet = root.level, logging.NullHandler()
+    root.addHandler(quiet)
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.removeHandler(quiet)
+        root.setLevel(level)
 
 
 def measure_agreement(
