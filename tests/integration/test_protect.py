@@ -78,6 +78,8 @@ def test_encrypted_bundle_runs_end_to_end_without_plaintext_on_disk(
     keys: KeyPaths,
     tail_server: Any,
     bundles_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     photos = sample_photos()
     plain = load_bundle(effl0_bundle)
@@ -91,7 +93,13 @@ def test_encrypted_bundle_runs_end_to_end_without_plaintext_on_disk(
         )
         for _, im in photos
     ]
-    scanned = [protected, Path(tempfile.gettempdir())]
+    # A private temp dir for this process (Python's tempfile and native code via $TMPDIR): the
+    # machine's /tmp is shared with other jobs writing their own .onnx files.
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(private_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
+    scanned = [protected, private_tmp]
     before = {root: model_files(root) for root in scanned}
     config = EdgeConfig(
         bundle=protected,
