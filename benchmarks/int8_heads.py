@@ -11,8 +11,10 @@ built-in source those are scikit-image's 7 photos under other augmentations. A h
 its segments' ORT run time only (no preprocessing, no codec). x86-64 VNNI/AVX2 kernels here:
 Arm int8 kernels differ, so re-take the profile on the device (`edgecut profile`).
 
-    python benchmarks/int8_heads.py            # writes benchmarks/results/int8_heads.{json,png}
+    python benchmarks/int8_heads.py --bundle bundles/effl0   # a calibrated bundle (reproduce.sh's first line)
+    python benchmarks/int8_heads.py            # partitions + calibrates its own (needs more memory)
     python benchmarks/int8_heads.py --quick    # smoke test: few samples, few runs
+Writes benchmarks/results/int8_heads.{json,png}; the given bundle is copied, never changed.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from edgecut.bundle import load_bundle
 from edgecut.partition.build import partition
 from edgecut.partition.calibrate import (
     CALIBRATION_AUGMENT,
@@ -62,9 +66,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def measure(tmp: Path, calib: int, heldout: int, runs: int) -> dict[str, Any]:
-    bundle = partition(load_model("efficientnet-lite0"), tmp / "effl0")
-    bundle = calibrate_bundle(bundle, "builtin", codecs=("int8-channel",), heldout_count=heldout)
+def measure(tmp: Path, source: Path | None, calib: int, heldout: int, runs: int) -> dict[str, Any]:
+    if source is not None:
+        shutil.copytree(source, tmp / "effl0")
+        bundle = load_bundle(tmp / "effl0")
+    else:
+        bundle = partition(load_model("efficientnet-lite0"), tmp / "effl0")
+        bundle = calibrate_bundle(bundle, "builtin", codecs=("int8-channel",), heldout_count=heldout)
     bundle = quantize_bundle(bundle, "builtin", calib_count=calib, heldout_count=heldout)
     m = bundle.manifest
     variant = m.variants[-1]
@@ -128,19 +136,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 8 samples, 3 runs")
+    parser.add_argument("--bundle", type=Path, help="a calibrated EfficientNet-Lite0 bundle to copy")
     args = parser.parse_args()
     calib, heldout, runs = (8, 8, 3) if args.quick else (32, 64, 40)
     rev = revision()  # at the start: the code that runs, whatever is edited meanwhile
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        measured = measure(Path(tmp), calib, heldout, runs)
+        measured = measure(Path(tmp), args.bundle, calib, heldout, runs)
     result = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "revision": rev,
         "versions": versions(),
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "command": "python benchmarks/int8_heads.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/int8_heads.py"
+        + (f" --bundle {args.bundle}" if args.bundle else "")
+        + (" --quick" if args.quick else ""),
         "note": "x86-64 CPU shared with other jobs; Arm int8 kernels differ: re-profile on the device",
         "seconds": round(time.perf_counter() - t0, 1),
     } | measured
