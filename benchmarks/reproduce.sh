@@ -14,6 +14,7 @@ edgecut bench sweep bundles/effl0 --edge-profile benchmarks/profiles/this-machin
 edgecut bench sweep bundles/effl0 --edge-profile benchmarks/profiles/pi4-scaled-5x.json --pace \
     --out benchmarks/results/effl0/pi4-scaled-5x
 python benchmarks/codec_fidelity.py
+python benchmarks/int8_heads.py --bundle bundles/effl0
 python benchmarks/netem_validate.py
 python benchmarks/edge_loopback.py
 python benchmarks/cloud_throughput.py

@@ -112,6 +112,9 @@ class Manifest:
     fidelity: tuple[Mapping[str, Any], ...] = ()  # rows: cut, codec, bytes, agreement, max error
     batchable: bool = False  # segments accept any batch size on axis 0 (verified at partition time)
     format_version: int = FORMAT_VERSION
+    # Optional sections, written only when present (older manifests keep their exact bytes):
+    encryption: Mapping[str, Any] = field(default_factory=dict)  # edgecut.protect: encrypted files
+    variants: tuple[Mapping[str, Any], ...] = ()  # edgecut.variants: e.g. int8 heads, per cut
 
     def cut(self, cut_id: str) -> Cut:
         for c in self.cuts:
@@ -131,6 +134,9 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["files"] = dict(sorted(self.files.items()))
+        for optional in ("encryption", "variants"):
+            if not d[optional]:
+                del d[optional]
         return d
 
     @classmethod
@@ -185,6 +191,8 @@ def _manifest_from_json(d: Mapping[str, Any]) -> Manifest:
         fidelity=tuple(d.get("fidelity", ())),
         batchable=bool(d.get("batchable", False)),
         format_version=version,
+        encryption=dict(d.get("encryption", {})),
+        variants=tuple(d.get("variants", ())),
     )
 
 
@@ -229,14 +237,31 @@ class Bundle:
             )
         return data
 
+    def stored(self, relative: str) -> str:
+        """Where a file's bytes are stored: itself, or its ciphertext in an encrypted bundle."""
+        entry = self.manifest.encryption.get("files", {}).get(relative)
+        return str(entry["stored"]) if entry else relative
+
+    def size_bytes(self, relative: str) -> int:
+        """Bytes of a file as the model runtime sees it (plaintext size for an encrypted file)."""
+        entry = self.manifest.encryption.get("files", {}).get(relative)
+        return int(entry["plain_bytes"]) if entry else self.path(relative).stat().st_size
+
     @property
     def build_sha256(self) -> str:
         """Identity of the model build, the same on the edge and the tail service: the manifest
         hash without device-only LiteRT conversions (`.tflite` files and their report), which
-        may be added to a device's copy after partitioning."""
+        may be added to a device's copy after partitioning, and of the plaintext manifest where
+        the device's copy is encrypted (edgecut.protect)."""
         m = self.manifest
+        if m.encryption:
+            from edgecut.protect import plaintext_manifest
+
+            m = plaintext_manifest(m)
         if not any(k.endswith(".tflite") for k in m.files) and "tflite" not in m.verification:
-            return self.manifest_sha256
+            if m is self.manifest:
+                return self.manifest_sha256
+            return hashlib.sha256(manifest_bytes(m)).hexdigest()
         plain = replace(
             m,
             files={k: v for k, v in m.files.items() if not k.endswith(".tflite")},
@@ -315,7 +340,10 @@ def _check_references(manifest: Manifest) -> None:
     named = [s.file for s in manifest.segments]
     if manifest.labels_file is not None:
         named.append(manifest.labels_file)
-    for rel in named:
+    encrypted = manifest.encryption.get("files", {})
+    for name in named:
+        # An encrypted device copy names the plaintext file; the ciphertext is what is listed.
+        rel = str(encrypted[name]["stored"]) if name in encrypted else name
         if rel not in manifest.files:
             raise IntegrityError(
                 f"bundle '{manifest.model}': file '{rel}' is used by the manifest but not listed "

@@ -22,6 +22,7 @@ log = logging.getLogger("edgecut")
 VERBS = {
     "partition": ("edgecut.partition.cli", "cut a model into a verified bundle"),
     "inspect": ("edgecut.inspect", "show a bundle's cuts, frontiers and fidelity"),
+    "bundle": ("edgecut.partition.bundle_cli", "encrypt a bundle for a device, or add int8 edge heads"),
     "keys": ("edgecut.keys_cli", "generate service (HPKE) and bundle-signing (Ed25519) keys"),
     "cloud": ("edgecut.cloud.cli", "run the gRPC tail service"),
     "edge": ("edgecut.edge.cli", "run the edge agent on a device"),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from edgecut.bundle import Bundle, Manifest
 from edgecut.planner import CutCost
 from edgecut.profile import CodecTiming, Profile
+from edgecut.variants import FLOAT, VariantCut, head_variants
 
 SEAL_OVERHEAD_BYTES = 89 + 64  # HPKE enc + tag + plaintext header, plus Frame fields
 BITS = {"none": 32, "fp16": 16, "int8": 8, "int6": 8, "int4": 4, "jpeg": 1}
@@ -39,22 +40,48 @@ def cloud_times_from(profile: Profile) -> CloudTimes:
 
 
 def cut_costs(
-    bundle: Bundle, edge: Profile, cloud: CloudTimes, codecs: Sequence[str] = DEFAULT_CODECS
+    bundle: Bundle,
+    edge: Profile,
+    cloud: CloudTimes,
+    codecs: Sequence[str] = DEFAULT_CODECS,
+    precisions: Sequence[str] = (FLOAT,),
 ) -> list[CutCost]:
-    """One CutCost per allowed (cut, codec); "output" (edge-only) once, with codec "none"."""
+    """One CutCost per allowed (cut, precision, codec); "output" (edge-only) with codec "none".
+
+    A precision variant (int8 head) is listed only at cuts where the bundle offers it."""
+    costs = []
+    for precision in precisions:
+        costs += _costs_at(bundle, edge, cloud, codecs, precision)
+    return costs
+
+
+def _costs_at(
+    bundle: Bundle, edge: Profile, cloud: CloudTimes, codecs: Sequence[str], precision: str
+) -> list[CutCost]:
     m = bundle.manifest
+    variant = head_variants(m).get(precision) if precision != FLOAT else None
     down = sum(t.nbytes for t in m.outputs) + SEAL_OVERHEAD_BYTES
     costs = []
     for cut in m.cuts:
+        vrow = variant.at(cut.id) if variant is not None else None
+        if variant is not None and (cut.depth == 0 or vrow is None or not vrow.offered):
+            continue  # no head to quantize, or the variant loses more than the accuracy budget
         edge_ms = sum(edge.segment_ms(segment_name(s.file)) for s in m.head(cut.id))
-        mem = sum(bundle.path(s.file).stat().st_size for s in m.head(cut.id))
+        mem = sum(bundle.size_bytes(s.file) for s in m.head(cut.id))
+        head_drop = 0.0
+        if vrow is not None:
+            edge_ms, mem, head_drop = _variant_head(m, edge, vrow, precision, edge_ms)
         if cut.id == m.cuts[-1].id:
-            costs.append(CutCost(cut.id, cut.depth, "none", edge_ms, 0.0, 0.0, 0, 0, 0.0, mem))
+            costs.append(
+                CutCost(cut.id, cut.depth, "none", edge_ms, 0.0, 0.0, 0, 0, 0.0, mem, head_drop, precision)
+            )
             continue
         cloud_ms = sum(_cloud_ms(cloud, edge, segment_name(s.file)) for s in m.tail(cut.id))
         for codec in _codecs_for(m, cut.id, codecs):
             timing = _codec_timing(edge, cut.id, codec)
             bytes_up, drop = _bytes_and_drop(m, cut.id, codec, timing)
+            if vrow is not None:
+                drop = _variant_drop(vrow, codec, drop + head_drop)
             encode_ms = timing.encode_ms if timing else 0.0
             costs.append(
                 CutCost(
@@ -69,9 +96,33 @@ def cut_costs(
                     cloud_ms,
                     mem,
                     drop,
+                    precision,
                 )
             )
     return costs
+
+
+def _variant_head(
+    m: Manifest, edge: Profile, row: VariantCut, precision: str, float_ms: float
+) -> tuple[float, int, float]:
+    """(edge ms, head bytes, accuracy drop) of a variant head. Its time comes from the edge
+    profile where that has the variant's segments ("int8/seg_003"); otherwise it is the float
+    time scaled by the float/variant ratio profiled at partition time (another CPU: an estimate,
+    Arm int8 kernels differ — profile the device)."""
+    names = [f"{precision}/{segment_name(s.file)}" for s in m.head(row.cut)]
+    profiled = {t.segment for t in edge.segments}
+    if all(n in profiled for n in names):
+        ms = sum(edge.segment_ms(n) for n in names)
+    else:
+        f, v = row.edge_ms.get(FLOAT, {}).get("1"), row.edge_ms.get(precision, {}).get("1")
+        ms = float_ms * (v / f) if f and v else float_ms
+    return ms, row.model_bytes.get(precision, 0), max(0.0, 1.0 - row.agreement)
+
+
+def _variant_drop(row: VariantCut, codec: str, bound: float) -> float:
+    """Measured drop of variant head + codec + float tail, else the sum of the two drops."""
+    measured = next((a for c, a in row.codec_agreement.items() if _same_codec(c, codec)), None)
+    return max(0.0, 1.0 - measured) if measured is not None else bound
 
 
 def _cloud_ms(cloud: CloudTimes, edge: Profile, segment: str) -> float:

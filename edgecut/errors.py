@@ -35,6 +35,10 @@ class DependencyError(EdgecutError):
     """An optional dependency is missing; the hint names the extra to install."""
 
 
+class OnnxRuntimeMissing(DependencyError, ImportError):
+    """No `onnxruntime` module: also an ImportError, so `except ImportError` code keeps working."""
+
+
 class ModelLoadError(EdgecutError):
     """A model file or factory could not be loaded (missing, not ONNX, truncated, dynamic dims)."""
 

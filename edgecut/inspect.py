@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
@@ -32,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {k: m[k] for k in ("model", "version", "cuts", "verification", "fidelity")}
+                | {"variants": m.get("variants", []), "encryption": _encryption(m.get("encryption"))}
                 | {"signed": bundle.signed},
                 indent=1,
             )
@@ -41,7 +44,37 @@ def run(args: argparse.Namespace) -> int:
     console.print(cuts_table(bundle))
     if args.fidelity:
         console.print(fidelity_table(bundle))
+    for variant in bundle.manifest.variants:
+        console.print(variant_table(variant))
     return 0
+
+
+def _encryption(section: dict | None) -> dict | None:
+    """What `--json` says about encryption: who can open it and which files (no key material)."""
+    if not section:
+        return None
+    return {k: section[k] for k in ("scheme", "suite", "key_id")} | {"files": sorted(section["files"])}
+
+
+def variant_table(variant: Mapping[str, Any]) -> Table:
+    t = Table(
+        title=f"{variant['precision']} edge heads — agreement on {variant['heldout_samples']} held-out "
+        f"samples of {variant['heldout_photos']} photos, budget {100 * float(variant['budget']):.1f} %"
+    )
+    for col in ("cut", "float ms (1t)", f"{variant['precision']} ms (1t)", "bytes", "agreement", "offered"):
+        t.add_column(col, justify="left" if col == "cut" else "right")
+    p = str(variant["precision"])
+    for c in variant["cuts"]:
+        ms, size = c["edge_ms"], c["model_bytes"]
+        t.add_row(
+            str(c["cut"]),
+            f"{ms['float']['1']:.2f}",
+            f"{ms[p]['1']:.2f}",
+            f"{_human(size['float'])} → {_human(size[p])}",
+            f"{100 * float(c['agreement']):.1f} %",
+            "yes" if c["offered"] else "no",
+        )
+    return t
 
 
 def _human(n: float) -> str:

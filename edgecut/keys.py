@@ -16,6 +16,10 @@ File formats, all standard PEM that `openssl pkey` reads (ML-KEM blocks need Ope
   the kinds of key in the file; no edgecut-specific armour is needed.
 - `signing.*`: one PKCS#8 / SubjectPublicKeyInfo Ed25519 block.
 
+`edgecut keys gen --device --out DIR` writes `device.key` / `device.pub` instead: an X25519 HPKE
+key pair for one device, to which `edgecut bundle protect` wraps the content key of an encrypted
+bundle (edgecut.protect). Same PEM format as an x25519 `service.*` pair; it stays on the device.
+
 Private files are created with mode 0600 before a byte is written (never world-readable, not
 even briefly) and the loaders refuse a private file that group or others can read. Key material
 never appears in messages or reprs: errors name the file and, at most, a public `key_id`.
@@ -114,9 +118,43 @@ def generate_keys(out_dir: Path, *, suite: str = "x25519", force: bool = False) 
     return paths
 
 
+def generate_device_keys(out_dir: Path, *, force: bool = False) -> tuple[Path, Path]:
+    """Write a fresh device key pair (`device.key`, `device.pub`, X25519) into `out_dir`.
+
+    Refuses to replace existing files unless `force`: bundles encrypted for the old
+    `device.pub` no longer open on that device.
+    """
+    private, public = out_dir / "device.key", out_dir / "device.pub"
+    existing = [str(p) for p in (private, public) if p.exists()]
+    if existing and not force:
+        raise KeyFileError(
+            f"refusing to overwrite existing key files: {', '.join(existing)}",
+            hint="pass --force to replace them (bundles encrypted for the old key stop opening)",
+        )
+    private_pem, public_pem = _new_service_pems("x25519")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(private, private_pem, 0o600)
+    _write_atomic(public, public_pem, 0o644)
+    return private, public
+
+
+def load_device_private(path: Path) -> ServicePrivateKey:
+    """Load `device.key`: the HPKE key that unwraps an encrypted bundle's content key."""
+    return _hpke_private(path, "a device private key (device.key)")
+
+
+def load_device_public(path: Path) -> ServicePublicKey:
+    """Load `device.pub`: what `edgecut bundle protect` wraps the content key to."""
+    return _hpke_public(path, "a device public key (device.pub)")
+
+
 def load_service_private(path: Path) -> ServicePrivateKey:
     """Load `service.key` (either suite); KeyFileError if it is anything else or too open."""
-    keys, kinds = _load(path, "a service private key (service.key)")
+    return _hpke_private(path, "a service private key (service.key)")
+
+
+def _hpke_private(path: Path, wanted: str) -> ServicePrivateKey:
+    keys, kinds = _load(path, wanted)
     if kinds == ("X25519 private",):
         key: HpkePrivate = keys[0]
         public = _service_public("x25519", keys[0].public_key(), [keys[0].public_key()])
@@ -125,20 +163,24 @@ def load_service_private(path: Path) -> ServicePrivateKey:
         key = hpke.MLKEM768X25519PrivateKey(ml, xk)
         public = _service_public("mlkem768-x25519", key.public_key(), [ml.public_key(), xk.public_key()])
     else:
-        raise _wrong_kind(path, kinds, "a service private key (service.key)")
+        raise _wrong_kind(path, kinds, wanted)
     _check_private_mode(path)
     return ServicePrivateKey(public.suite, key, public)
 
 
 def load_service_public(path: Path) -> ServicePublicKey:
     """Load `service.pub` (either suite); KeyFileError if it is anything else."""
-    keys, kinds = _load(path, "a service public key (service.pub)")
+    return _hpke_public(path, "a service public key (service.pub)")
+
+
+def _hpke_public(path: Path, wanted: str) -> ServicePublicKey:
+    keys, kinds = _load(path, wanted)
     if kinds == ("X25519 public",):
         return _service_public("x25519", keys[0], keys)
     if kinds == _HYBRID_PUBLIC:
         ml, xk = keys  # sorted by kind name: ML-KEM-768 first
         return _service_public("mlkem768-x25519", hpke.MLKEM768X25519PublicKey(ml, xk), [ml, xk])
-    raise _wrong_kind(path, kinds, "a service public key (service.pub)")
+    raise _wrong_kind(path, kinds, wanted)
 
 
 def load_signing_private(path: Path) -> ed25519.Ed25519PrivateKey:

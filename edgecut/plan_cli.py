@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from edgecut import credentials, serverinfo
+from edgecut.bundle import Manifest
 from edgecut.console import stdout_console
 from edgecut.planner import Plan
 
@@ -31,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="forbid the first N cuts (privacy: raw input never leaves the device)",
     )
     p.add_argument("--codec", default="int8-channel", help="codec(s), comma separated")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="edge head precision(s): float, int8, or auto (float + every head the bundle offers)",
+    )
     p.add_argument("--max-accuracy-drop", help="e.g. 0.5%% (top-1 disagreement budget)")
     p.add_argument("--max-edge-mem", type=int, help="bytes of segment weights the edge may hold")
     p.add_argument("--json", action="store_true")
@@ -56,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
             credentials=credentials.from_args(args),
         ).times
     )
-    costs = cut_costs(bundle, load_profile(args.edge_profile), cloud, args.codec.split(","))
+    precisions = _precisions(bundle.manifest, args.precision)
+    costs = cut_costs(bundle, load_profile(args.edge_profile), cloud, args.codec.split(","), precisions)
     constraints = Constraints(args.min_cut, args.max_edge_mem, _percent(args.max_accuracy_drop))
     result = plan(
         costs,
@@ -69,6 +76,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         stdout_console().print(plan_table(result))
     return 0
+
+
+def _precisions(m: Manifest, text: str) -> tuple[str, ...]:
+    from edgecut.variants import FLOAT, check_precision, head_variants
+
+    if text == "auto":
+        return (FLOAT, *head_variants(m))
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    for name in names:
+        check_precision(m, name)
+    return names
 
 
 def _percent(text: str | None) -> float | None:
@@ -86,10 +104,15 @@ def _percent(text: str | None) -> float | None:
 def plan_json(result: Plan) -> dict[str, object]:
     return {
         "objective": result.objective,
-        "chosen": {"cut": result.chosen.cost.cut, "codec": result.chosen.cost.codec},
+        "chosen": {
+            "cut": result.chosen.cost.cut,
+            "precision": result.chosen.cost.precision,
+            "codec": result.chosen.cost.codec,
+        },
         "rows": [
             {
                 "cut": r.cost.cut,
+                "precision": r.cost.precision,
                 "codec": r.cost.codec,
                 "predicted_ms": r.predicted_ms,
                 "stages_ms": dict(r.stages_ms),
@@ -107,6 +130,7 @@ def plan_table(result: Plan) -> Table:
     for col in (
         "",
         "cut",
+        "precision",
         "codec",
         "edge",
         "encode",
@@ -119,13 +143,14 @@ def plan_table(result: Plan) -> Table:
         "bytes up",
         "note",
     ):
-        t.add_column(col, justify="left" if col in ("", "cut", "codec", "note") else "right")
+        t.add_column(col, justify="left" if col in ("", "cut", "precision", "codec", "note") else "right")
     for r in result.rows:
         mark = "→" if r is result.chosen else ""
         s = r.stages_ms
         t.add_row(
             mark,
             r.cost.cut,
+            r.cost.precision,
             r.cost.codec,
             *(f"{s[k]:.1f}" for k in ("edge", "encode", "up", "rtt", "queue", "cloud", "down")),
             f"{r.predicted_ms:.1f}",

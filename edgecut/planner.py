@@ -44,6 +44,7 @@ class CutCost:
     cloud_ms: float  # sum of tail segment latencies seg_k+1..seg_N (0 for "output")
     edge_mem_bytes: int = 0  # peak memory of the edge part
     accuracy_drop: float = 0.0  # 1 - top-1 agreement with the unsplit model, 0..1
+    precision: str = "float"  # edge head precision: "float" or a variant such as "int8"
 
     @property
     def edge_only(self) -> bool:
@@ -91,9 +92,10 @@ class Plan:
     objective: str
     link: LinkEstimate
 
-    def row(self, cut: str, codec: str) -> PlanRow | None:
-        """The row for option (cut, codec), if it was planned."""
-        return next((r for r in self.rows if (r.cost.cut, r.cost.codec) == (cut, codec)), None)
+    def row(self, cut: str, codec: str, precision: str = "float") -> PlanRow | None:
+        """The row for option (cut, precision, codec), if it was planned."""
+        key = (cut, codec, precision)
+        return next((r for r in self.rows if (r.cost.cut, r.cost.codec, r.cost.precision) == key), None)
 
 
 def stages_ms(cost: CutCost, link: LinkEstimate) -> dict[str, float]:
@@ -253,7 +255,8 @@ class Replanner:
     def _held(self, new_plan: Plan) -> PlanRow | None:
         if self._current is None:
             return None
-        row = new_plan.row(self._current.cost.cut, self._current.cost.codec)
+        held = self._current.cost
+        row = new_plan.row(held.cut, held.codec, held.precision)
         return row if row is not None and row.allowed else None
 
     def _worth_switching(self, held: PlanRow, best: PlanRow) -> bool:
@@ -262,4 +265,5 @@ class Replanner:
 
 
 def _name(row: PlanRow) -> str:
-    return f"{row.cost.cut}/{row.cost.codec}"
+    head = "" if row.cost.precision == "float" else f"/{row.cost.precision}"
+    return f"{row.cost.cut}{head}/{row.cost.codec}"

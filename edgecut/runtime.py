@@ -14,10 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from edgecut.errors import BundleError, UsageError
+from edgecut.errors import BundleError, OnnxRuntimeMissing, UsageError
+
+try:  # the `ort` extra, or NVIDIA's onnxruntime-gpu on a Jetson: both install the `onnxruntime` module
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+except ModuleNotFoundError as exc:
+    raise OnnxRuntimeMissing(
+        "ONNX Runtime is not installed (neither onnxruntime nor onnxruntime-gpu)",
+        hint='pip install "edgecut[edge]" — on a Jetson install NVIDIA\'s onnxruntime-gpu wheel for '
+        "your JetPack instead (docs/devices.md)",
+    ) from exc
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -34,6 +42,23 @@ class OrtOptions:
 
     providers: tuple[str, ...] = ("cpu",)  # keys of PROVIDERS, tried in order
     threads: int = 0  # intra-op threads; 0 = ONNX Runtime's default (all cores)
+    # (provider key, option, value) for ORT's provider_options, e.g. ("tensorrt",
+    # "trt_engine_cache_enable", "True"); options of a provider this build lacks are dropped with it
+    provider_options: tuple[tuple[str, str, str], ...] = ()
+
+
+def tensorrt_options(cache_dir: str | None, fp16: bool) -> tuple[tuple[str, str, str], ...]:
+    """TensorRT EP options: an engine cache (a Jetson builds each segment's engine once, not at
+    every start) and FP16 kernels."""
+    opts: list[tuple[str, str, str]] = []
+    if cache_dir:
+        opts += [
+            ("tensorrt", "trt_engine_cache_enable", "True"),
+            ("tensorrt", "trt_engine_cache_path", cache_dir),
+        ]
+    if fp16:
+        opts.append(("tensorrt", "trt_fp16_enable", "True"))
+    return tuple(opts)
 
 
 def resolve_providers(names: Sequence[str]) -> list[str]:
@@ -62,7 +87,10 @@ def make_session(
     so.log_severity_level = 3
     source = str(model) if isinstance(model, Path) else model
     try:
-        return ort.InferenceSession(source, so, providers=resolve_providers(options.providers))
+        providers = resolve_providers(options.providers)
+        return ort.InferenceSession(
+            source, so, providers=providers, provider_options=_provider_options(options, providers)
+        )
     except (
         ort_errors.Fail,
         ort_errors.InvalidGraph,
@@ -73,6 +101,14 @@ def make_session(
     ) as exc:
         name = os.path.basename(str(model)) if isinstance(model, Path) else label
         raise BundleError(f"{name}: ONNX Runtime cannot load it: {exc}") from exc
+
+
+def _provider_options(options: OrtOptions, providers: Sequence[str]) -> list[dict[str, str]]:
+    """One dict per resolved provider, in order (ORT pairs them by position)."""
+    by_name: dict[str, dict[str, str]] = {}
+    for key, option, value in options.provider_options:
+        by_name.setdefault(PROVIDERS.get(key, key), {})[option] = value
+    return [by_name.get(p, {}) for p in providers]
 
 
 class SegmentChain:

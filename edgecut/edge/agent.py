@@ -191,7 +191,7 @@ class Agent:
     def _run_head(self, work: _Work, feeds: dict[str, np.ndarray]) -> None:
         depth = self.bundle.manifest.cut(work.cut).depth
         work.t0 = time.perf_counter()
-        work.frontier = self.head.run(feeds, 0, depth - 1).outputs if depth else feeds
+        work.frontier = self.head.run(feeds, 0, depth - 1, self.choice.precision).outputs if depth else feeds
         work.edge_ms = (time.perf_counter() - work.t0) * 1e3
         if depth == len(self.bundle.manifest.segments):  # "output": edge-only, nothing sent
             work.result = self._done(work, work.frontier, "local", {})

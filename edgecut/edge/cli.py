@@ -24,6 +24,7 @@ from edgecut.edge.runner import RUNTIMES
 from edgecut.edge.startup import EdgeConfig, start_agent
 from edgecut.errors import DependencyError, UsageError
 from edgecut.images import list_images
+from edgecut.runtime import tensorrt_options
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", type=Path, help="PEM roots: use TLS")
     p.add_argument("--tls-cert", type=Path, help="client certificate for mTLS")
     p.add_argument("--tls-key", type=Path, help="client key for mTLS")
+    p.add_argument("--trt-cache", metavar="DIR", help="TensorRT: cache built engines in DIR (Jetson)")
+    p.add_argument("--trt-fp16", action="store_true", help="TensorRT: allow FP16 kernels")
+    p.add_argument("--device-key", type=Path, help="device.key: open a bundle encrypted for this device")
+    p.add_argument(
+        "--precision",
+        choices=("float", "int8", "auto"),
+        default="float",
+        help="edge head precision: int8 needs an int8 head in the bundle; auto lets the planner choose",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per result")
     p.set_defaults(func=run)
 
@@ -155,6 +165,9 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        device_key=args.device_key,
+        precision=args.precision,
+        provider_options=tensorrt_options(args.trt_cache, args.trt_fp16),
     )
 
 

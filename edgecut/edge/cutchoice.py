@@ -41,6 +41,7 @@ BANDWIDTH_PROBE_BYTES = 256 << 10
 class CutChoice(Protocol):
     mode: str  # "fixed" | "auto"
     ready: bool  # False until `calibrate` has seen a first input
+    precision: str  # edge head precision of the option `current` last returned
 
     def calibrate(self, feeds: Mapping[str, np.ndarray]) -> None: ...
     def current(self) -> tuple[str, str]: ...
@@ -76,8 +77,9 @@ class FixedCut(Encoder):
     mode = "fixed"
     ready = True
 
-    def __init__(self, bundle: Bundle, cut: str, codec_name: str) -> None:
+    def __init__(self, bundle: Bundle, cut: str, codec_name: str, precision: str = "float") -> None:
         super().__init__(bundle)
+        self.precision = precision
         bundle.manifest.cut(cut)  # unknown cut → BundleError listing the cuts
         codec.CodecSpec.parse(codec_name)
         self._choice = (cut, "none" if cut == "output" else codec_name)
@@ -106,8 +108,10 @@ class AutoCut(Encoder):
         *,
         min_depth: int = 0,
         edge_profile: Path | None = None,
+        precisions: tuple[str, ...] = ("float",),
     ) -> None:
         super().__init__(bundle)
+        self.precisions, self.precision = precisions, precisions[0]
         self.bundle, self.runner, self.session = bundle, runner, session
         self.codec_name = codec_name
         self.constraints = Constraints(min_depth=min_depth)
@@ -122,7 +126,7 @@ class AutoCut(Encoder):
         server's own tail profile and the probed link — the same cost model as `edgecut plan`."""
         cloud = self.session.info.times if self.session and self.session.info else CloudTimes({})
         self._probe_link()
-        costs = cut_costs(self.bundle, self._edge(feeds), cloud, [self.codec_name])
+        costs = cut_costs(self.bundle, self._edge(feeds), cloud, [self.codec_name], self.precisions)
         self.replanner = Replanner(costs, self.constraints)
         row, _ = self.replanner.update(self.link.estimate())
         log.info(
@@ -161,6 +165,7 @@ class AutoCut(Encoder):
         if row.cost.edge_only and time.perf_counter() - self._last_probe > PROBE_EVERY_S:
             self._probe_link(PROBE_TIMEOUT_MS)
             row, _ = self.replanner.update(self.link.estimate())
+        self.precision = row.cost.precision
         return row.cost.cut, row.cost.codec
 
     def observe(self, reply: Reply, wire_ms: float) -> None:

@@ -30,7 +30,11 @@ class PacedRunner:
         self.name = f"{inner.name} paced as {profile.device}"
         self._ms = [profile.segment_ms(segment_name(s.file)) for s in bundle.manifest.segments]
 
-    def run(self, feeds: Mapping[str, np.ndarray], first: int, last: int) -> SegmentRun:
+    def run(
+        self, feeds: Mapping[str, np.ndarray], first: int, last: int, precision: str = "float"
+    ) -> SegmentRun:
+        if precision != "float":
+            raise UsageError("a paced runner replays float profiles only")
         start = time.perf_counter()
         result = self.inner.run(feeds, first, last)
         target_s = sum(self._ms[first : last + 1]) / 1e3

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,7 +21,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--scale", type=float, help="write a *scaled* profile: timings × this factor (say why in --source)"
     )
     p.add_argument("--source", default="", help="where a scale factor comes from")
+    p.add_argument("--device-key", type=Path, help="device.key: profile a bundle encrypted for this device")
     p.set_defaults(func=run)
+
+
+class _AtPrecision:
+    """A runner that always runs one precision variant, so the float profiler times it too."""
+
+    def __init__(self, runner: Any, precision: str) -> None:
+        self.runner, self.precision, self.name = runner, precision, runner.name
+
+    def run(self, feeds: Any, first: int, last: int, precision: str = "float") -> Any:
+        return self.runner.run(feeds, first, last, self.precision)
+
+
+def _variant_timings(bundle: Any, runner: Any, precisions: tuple[str, ...], runs: int) -> tuple:
+    """Segment timings of each variant, named "int8/seg_003": what the planner reads for int8 heads."""
+    from edgecut.edge.profiler import profile_segments, synthetic_input
+
+    out: tuple = ()
+    for p in precisions:
+        timings = profile_segments(bundle, _AtPrecision(runner, p), synthetic_input(bundle), runs)
+        out += tuple(dataclasses.replace(t, segment=f"{p}/{t.segment}") for t in timings)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,14 +51,19 @@ def run(args: argparse.Namespace) -> int:
     from edgecut.edge.profiler import profile_bundle
     from edgecut.edge.runner import make_runner
     from edgecut.errors import UsageError
+    from edgecut.keys import load_device_private
     from edgecut.profile import save_profile
+    from edgecut.protect import ModelFiles
     from edgecut.runtime import OrtOptions
+    from edgecut.variants import head_variants
 
     if args.runs < 1:
         raise UsageError("--runs must be at least 1")
     bundle = load_bundle(args.bundle)
     options = OrtOptions(tuple(args.providers.split(",")), args.threads)
-    runner = make_runner(bundle, args.runtime, options)
+    files = ModelFiles(bundle, load_device_private(args.device_key) if args.device_key else None)
+    variants = tuple(head_variants(bundle.manifest)) if args.runtime == "ort" else ()
+    runner = make_runner(bundle, args.runtime, options, files, variants)
     prof = profile_bundle(
         bundle,
         runner,
@@ -44,12 +73,16 @@ def run(args: argparse.Namespace) -> int:
         codecs=args.codecs.split(","),
         runs=args.runs,
     )
+    if variants:
+        prof = dataclasses.replace(
+            prof, segments=prof.segments + _variant_timings(bundle, runner, variants, args.runs)
+        )
     if args.scale:
         if not args.source:
             raise UsageError("--scale needs --source saying where the factor comes from")
         prof = prof.scaled(args.scale, args.device or f"{prof.device}-scaled", args.source)
     save_profile(prof, args.out)
-    total = sum(t.latency_ms for t in prof.segments)
+    total = sum(t.latency_ms for t in prof.segments if "/" not in t.segment)
     print(
         f"{prof.device} ({prof.mode}): {len(prof.segments)} segments, whole model {total:.1f} ms → {args.out}"
     )

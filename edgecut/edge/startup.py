@@ -21,8 +21,10 @@ from edgecut.edge.cutchoice import AutoCut, CutChoice, FixedCut
 from edgecut.edge.runner import OrtRunner, make_runner
 from edgecut.edge.session import SessionConfig, TailSession
 from edgecut.errors import UnavailableError, UsageError
-from edgecut.keys import load_service_public, load_signing_public
+from edgecut.keys import load_device_private, load_service_public, load_signing_public
+from edgecut.protect import ModelFiles
 from edgecut.runtime import OrtOptions
+from edgecut.variants import FLOAT, check_precision, head_variants
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,9 @@ class EdgeConfig:
     tls_ca: Path | None = None  # PEM roots for a TLS channel
     tls_cert: Path | None = None  # client certificate (mTLS)
     tls_key: Path | None = None  # client key (mTLS)
+    device_key: Path | None = None  # device.key: opens a bundle encrypted for this device
+    precision: str = FLOAT  # edge head: "float", "int8" (needs an int8 head), or "auto" (planner)
+    provider_options: tuple[tuple[str, str, str], ...] = ()  # (provider, option, value), e.g. TensorRT's
 
 
 def _read(path: Path | None) -> bytes | None:
@@ -106,15 +111,31 @@ def _min_depth(config: EdgeConfig, bundle: Bundle) -> int:
     return depth
 
 
+def _precisions(precision: str, variants: tuple[str, ...]) -> tuple[str, ...]:
+    """What the planner may choose from: "auto" = float and every variant the bundle has."""
+    return (FLOAT, *variants) if precision == "auto" else (precision,)
+
+
+def _fixed_precision(bundle: Bundle, config: EdgeConfig) -> str:
+    """A fixed cut with "auto": the variant where it is offered at that cut, else float."""
+    if config.precision != "auto":
+        return config.precision
+    offered = [p for p, v in head_variants(bundle.manifest).items() if v.offered(config.cut)]
+    return offered[0] if offered else FLOAT
+
+
 @contextlib.contextmanager
 def start_agent(config: EdgeConfig) -> Iterator[Agent]:
     """Load and verify the bundle, start runtimes, connect, and close the session afterwards."""
     signing = load_signing_public(config.signing_pub) if config.signing_pub else None
     bundle = load_bundle(config.bundle, public_key=signing, require_signature=signing is not None)
     m = bundle.manifest
-    options = OrtOptions(config.providers, config.threads)
-    tail = OrtRunner(bundle, options)
-    head = tail if config.runtime == "ort" else make_runner(bundle, config.runtime, options)
+    options = OrtOptions(config.providers, config.threads, config.provider_options)
+    check_precision(m, config.precision, None if config.cut == "auto" else config.cut)
+    files = ModelFiles(bundle, load_device_private(config.device_key) if config.device_key else None)
+    variants = () if config.precision == FLOAT else tuple(head_variants(m))
+    tail = OrtRunner(bundle, options, files, variants if config.runtime == "ort" else ())
+    head = tail if config.runtime == "ort" else make_runner(bundle, config.runtime, options, files)
     # One untimed pass: the first run of a session allocates, and would skew timings and plans.
     tail.run({s.name: np.zeros(s.shape, s.dtype) for s in m.inputs}, 0, len(m.segments) - 1)
     min_depth = _min_depth(config, bundle)
@@ -124,9 +145,17 @@ def start_agent(config: EdgeConfig) -> Iterator[Agent]:
             log.warning("INSECURE: sending the device token over plaintext; use --tls-ca")
         _connect(session, config.fallback)
     choice: CutChoice = (
-        AutoCut(bundle, head, session, config.codec, min_depth=min_depth, edge_profile=config.edge_profile)
+        AutoCut(
+            bundle,
+            head,
+            session,
+            config.codec,
+            min_depth=min_depth,
+            edge_profile=config.edge_profile,
+            precisions=_precisions(config.precision, variants),
+        )
         if config.cut == "auto"
-        else FixedCut(bundle, config.cut, config.codec)
+        else FixedCut(bundle, config.cut, config.codec, _fixed_precision(bundle, config))
     )
     try:
         yield Agent(bundle, head, tail, session, choice, AgentOptions(config.in_flight, config.fallback))

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from edgecut.errors import DependencyError, UsageError
+from edgecut.partition.bundle_cli import add_quantize_options
 from edgecut.partition.cuts import DEFAULT_MAX_CUTS
 
 
@@ -41,6 +42,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also convert edge-side segments to LiteRT (.tflite); needs litert-torch",
     )
+    p.add_argument(
+        "--int8-head",
+        action="store_true",
+        help="also write int8 edge heads (static QDQ), measured per cut on the --calibrate photos",
+    )
+    add_quantize_options(p, None)
+    p.add_argument(
+        "--encrypt-edge",
+        type=Path,
+        metavar="DEVICE_PUB",
+        help="also write an encrypted device copy (OUT.device) for this device.pub",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -57,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
             "--tflite needs the LiteRT converter (litert-torch), not installed",
             hint="pip install litert-torch && pip install --no-deps onnx2torch",
         )
+    if args.encrypt_edge is not None:  # a wrong key file fails now, not after minutes of partitioning
+        from edgecut.keys import load_device_public
+
+        load_device_public(args.encrypt_edge)
     key = None
     if args.sign is not None:
         from edgecut.keys import load_signing_private
@@ -80,6 +97,15 @@ def run(args: argparse.Namespace) -> int:
         from edgecut.partition.tflite import convert_bundle
 
         bundle = convert_bundle(bundle, signing_key=key)
+    if args.int8_head:
+        from edgecut.partition.int8 import quantize_bundle
+
+        bundle = quantize_bundle(bundle, args.calibrate or "builtin", budget=args.budget, signing_key=key)
+    device_copy = None
+    if args.encrypt_edge is not None:
+        from edgecut.partition.bundle_cli import protect
+
+        device_copy = protect(args.out, args.encrypt_edge, None, args.sign, args.force)
     v = bundle.manifest.verification
     if args.json:
         print(
@@ -89,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
                     "cuts": len(bundle.manifest.cuts),
                     "verification": v,
                     "signed": key is not None,
+                    "device_copy": str(device_copy) if device_copy else None,
                 }
             )
         )
@@ -96,5 +123,6 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{bundle.name}: {len(bundle.manifest.cuts)} cuts → {args.out} "
             f"(verified: max |Δ| {v['max_abs_diff']:.2g}, {v['seconds']} s)"
+            + (f"; encrypted device copy → {device_copy}" if device_copy else "")
         )
     return 0
