@@ -500,10 +500,10 @@ def test_a_failing_local_fallback_yields_one_failed_result(
     with start_agent(config) as agent:
         real = agent.tail.run
 
-        def broken_tail(feeds: Any, first: int, last: int) -> Any:
+        def broken_tail(feeds: Any, first: int, last: int, *precision: str) -> Any:
             if first > 0:  # the local tail, not the head
                 raise RuntimeError("tail runtime crashed")
-            return real(feeds, first, last)
+            return real(feeds, first, last, *precision)
 
         agent.tail.run = broken_tail  # type: ignore[method-assign]
         assert agent.run([image_input(i, f"p{i}", p) for i, p in enumerate(photos[:2])], results.append) == 2
