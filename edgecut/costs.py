@@ -2,7 +2,10 @@
 
 The planner is pure math over `CutCost`s; this module is where measurements meet it. Byte counts
 come from the bundle's fidelity report (measured on real held-out photos at partition time) or,
-without one, from the frontier size and the codec's bits per value — marked as estimated.
+without one, from the frontier size and the codec's bits per value — marked as estimated. The
+accuracy of an option is its fidelity row's top-1 agreement (read only through `agreement`); an
+option without a row has an unknown accuracy (None), which an accuracy budget excludes: unknown is
+not exact. Lossless options (edge-only, codec "none") need no row.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from edgecut.profile import CodecTiming, Profile
 SEAL_OVERHEAD_BYTES = 89 + 64  # HPKE enc + tag + plaintext header, plus Frame fields
 BITS = {"none": 32, "fp16": 16, "int8": 8, "int6": 8, "int4": 4, "jpeg": 1}
 DEFAULT_CODECS = ("int8-channel-z3",)
+INPUT_BASELINE = "jpeg90"  # at an image model's input: what a user would upload without edgecut
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ def cut_costs(
         edge_ms = sum(edge.segment_ms(segment_name(s.file)) for s in m.head(cut.id))
         mem = sum(bundle.path(s.file).stat().st_size for s in m.head(cut.id))
         if cut.id == m.cuts[-1].id:
-            costs.append(CutCost(cut.id, cut.depth, "none", edge_ms, 0.0, 0.0, 0, 0, 0.0, mem))
+            costs.append(CutCost(cut.id, cut.depth, "none", edge_ms, 0.0, 0.0, 0, 0, 0.0, mem, 0.0))
             continue
         cloud_ms = sum(_cloud_ms(cloud, edge, segment_name(s.file)) for s in m.tail(cut.id))
         for codec in _codecs_for(m, cut.id, codecs):
@@ -82,9 +86,32 @@ def _cloud_ms(cloud: CloudTimes, edge: Profile, segment: str) -> float:
 
 
 def _codecs_for(m: Manifest, cut_id: str, codecs: Sequence[str]) -> list[str]:
-    if cut_id == "input" and m.preprocess.kind == "image":
-        return ["jpeg90"]  # the honest cloud-only baseline: what a user would upload anyway
-    return [c for c in codecs if not c.startswith("jpeg")]
+    """The given codecs wherever they apply (image codecs only at an image model's input), and
+    the JPEG upload as the input's baseline when no image codec was given."""
+    image_input = cut_id == "input" and m.preprocess.kind == "image"
+    if not image_input:
+        return [c for c in codecs if not c.startswith("jpeg")]
+    return list(codecs) if any(c.startswith("jpeg") for c in codecs) else [*codecs, INPUT_BASELINE]
+
+
+def agreement(row: Mapping[str, object]) -> float:
+    """A fidelity row's top-1 agreement with the unsplit model, 0..1: the one place that reads it."""
+    return float(str(row["agreement"]))
+
+
+def option_agreement(m: Manifest, cut_id: str, codec: str) -> float | None:
+    """Top-1 agreement of (cut, codec) by the bundle's fidelity table; 1.0 for lossless options,
+    None when the table has no row for it (unknown)."""
+    if cut_id == m.cuts[-1].id or _lossless(codec):
+        return 1.0
+    row = _fidelity(m, cut_id, codec)
+    return None if row is None else agreement(row)
+
+
+def _lossless(codec: str) -> bool:
+    from edgecut.codec import CodecSpec
+
+    return CodecSpec.parse(codec).scheme == "none"
 
 
 def _fidelity(m: Manifest, cut_id: str, codec: str) -> Mapping[str, object] | None:
@@ -100,11 +127,15 @@ def _same_codec(a: str, b: str) -> bool:
     return str(CodecSpec.parse(a)) == str(CodecSpec.parse(b))
 
 
-def _bytes_and_drop(m: Manifest, cut_id: str, codec: str, timing: CodecTiming | None) -> tuple[int, float]:
-    """Sealed request bytes and accuracy drop: fidelity report (real photos) first, then the
-    profile's measurement (one synthetic input, already sealed), then an estimate."""
+def _bytes_and_drop(
+    m: Manifest, cut_id: str, codec: str, timing: CodecTiming | None
+) -> tuple[int, float | None]:
+    """Sealed request bytes and accuracy drop (None = unknown): bytes from the fidelity report
+    (real photos) first, then the profile's measurement (one input, already sealed), then an
+    estimate."""
+    agree = option_agreement(m, cut_id, codec)
+    drop = None if agree is None else max(0.0, 1.0 - agree)
     row = _fidelity(m, cut_id, codec)
-    drop = max(0.0, 1.0 - float(str(row["agreement"]))) if row is not None else 0.0
     if row is not None:
         return int(float(str(row["bytes"]))) + SEAL_OVERHEAD_BYTES, drop
     if timing is not None:

@@ -25,11 +25,23 @@ class TailInfo:
     unprofiled: tuple[str, ...]  # segments it reports no timing for (unknown, not free)
 
 
-def find_model(reply: pb.ServerInfoReply, model: str, version: str, where: str) -> pb.ModelInfo:
+def find_model(
+    reply: pb.ServerInfoReply, model: str, version: str, where: str, build: str = ""
+) -> pb.ModelInfo:
+    """The served model version, checked against `build` (a manifest sha256; "" = any build).
+
+    Another build of the same version would silently compute other results, so it is refused
+    like a missing model; the edge session and `edgecut plan` both check here.
+    """
     found = next((m for m in reply.models if (m.name, m.version) == (model, version)), None)
     if found is None:
         serves = ", ".join(f"{m.name}:{m.version}" for m in reply.models) or "nothing"
-        raise NotFoundError(f"{where} does not serve {model}:{version} (serves: {serves})")
+        raise NotFoundError(f"{where} has no model '{model}' version '{version}' (serves: {serves})")
+    if build and found.manifest_sha256 and found.manifest_sha256 != build:
+        raise NotFoundError(
+            f"{where} serves a different build of {model}:{version} "
+            f"(manifest sha {found.manifest_sha256[:12]} vs local {build[:12]})"
+        )
     return found
 
 

@@ -51,6 +51,12 @@ MAX_IN_FLIGHT_PER_STREAM = 256  # requests (and unsent answers) one stream may h
 INLINE_OPEN_BYTES = 64 << 10
 INLINE_DECODE_BYTES = 1 << 20
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TailService"].full_name
+# Edges ping every 10 s to find dead links (edgecut.edge.session): allow it, idle streams included,
+# instead of answering GOAWAY "too_many_pings".
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+]
 
 
 @dataclass(frozen=True)
@@ -398,7 +404,7 @@ async def create_server(
         executor,
         metrics,
     )
-    server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
+    server = grpc.aio.server(options=[*grpc_options(config.max_message_bytes), *KEEPALIVE_OPTIONS])
     edgecut_pb2_grpc.add_TailServiceServicer_to_server(TailServicer(ctx), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

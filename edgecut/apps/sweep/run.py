@@ -32,7 +32,7 @@ from edgecut.edge.runner import OrtRunner, Runner
 from edgecut.edge.session import SessionConfig, TailSession
 from edgecut.images import prepare
 from edgecut.keys import load_service_public
-from edgecut.netem import LinkConfig, ThreadedLinkEmulator, parse_address
+from edgecut.netem import PACED_BURST_S, LinkConfig, ThreadedLinkEmulator, paced_burst_bytes, parse_address
 from edgecut.planner import CutCost, LinkEstimate, Plan, plan
 from edgecut.profile import Profile
 from edgecut.runtime import OrtOptions
@@ -40,8 +40,6 @@ from edgecut.runtime import OrtOptions
 log = logging.getLogger(__name__)
 
 DEADLINE_MS = 120_000  # per request: a 0.5 Mbit/s link takes seconds for a shallow frontier
-CHUNK_S = 0.004  # emulator bucket depth in seconds of the link rate (one paced chunk)
-MIN_BURST_BYTES = 1500  # but never below one MTU
 
 
 @dataclass(frozen=True)
@@ -120,7 +118,7 @@ def run_sweep(
             "max_queue_delay_ms": 0 if ep.spawned else None,
         },
         link_emulator="edgecut.netem user-space TCP proxy on 127.0.0.1, symmetric token bucket "
-        f"(depth {CHUNK_S * 1e3:g} ms of the rate, >= {MIN_BURST_BYTES} B), "
+        f"(depth {PACED_BURST_S * 1e3:g} ms of the rate, >= 1500 B), "
         "RTT/2 added each way",
         warmup=cfg.warmup,
         requests=cfg.requests,
@@ -196,7 +194,7 @@ def _measure_all(
 
 def _link_config(link: Link) -> LinkConfig:
     """Bucket depth of one paced chunk: bursts stay small, so bytes/bandwidth holds for frames."""
-    burst = max(MIN_BURST_BYTES, int(link.bandwidth_bps / 8 * CHUNK_S))
+    burst = paced_burst_bytes(link.bandwidth_bps)
     return LinkConfig(link.bandwidth_bps, link.bandwidth_bps, link.rtt_ms, burst_bytes=burst)
 
 
@@ -230,7 +228,7 @@ class _CellRun:
             edge.head,
             edge.tail,
             session,
-            FixedCut(edge.bundle, cell.cut, cell.codec),
+            FixedCut(edge.bundle, cell.cut, cell.codec, max_accuracy_drop=None),  # the grid measures all
             AgentOptions(in_flight=1, fallback="fail"),
         )
         self.what = f"{lp.link.label} {cell.label}" + (" (auto)" if cell.role == "auto" else "")
