@@ -16,8 +16,18 @@ from dataclasses import dataclass
 from edgecut.bundle import Bundle, Manifest
 from edgecut.planner import CutCost
 from edgecut.profile import CodecTiming, Profile
+from edgecut.sealing import request_overhead_bytes
 
-SEAL_OVERHEAD_BYTES = 89 + 64  # HPKE enc + tag + plaintext header, plus Frame fields
+FRAME_FIELDS_BYTES = 64  # request id, model, version, cut, deadline: the Frame's own fields
+DEFAULT_SUITE = "x25519"
+
+
+def seal_overhead_bytes(suite: str = DEFAULT_SUITE) -> int:
+    """Bytes a request frame carries beyond its codec payload under the service key's suite."""
+    return request_overhead_bytes(suite) + FRAME_FIELDS_BYTES
+
+
+SEAL_OVERHEAD_BYTES = seal_overhead_bytes()  # with the default suite (profiles seal with it)
 BITS = {"none": 32, "fp16": 16, "int8": 8, "int6": 8, "int4": 4, "jpeg": 1}
 DEFAULT_CODECS = ("int8-channel-z3",)
 INPUT_BASELINE = "jpeg90"  # at an image model's input: what a user would upload without edgecut
@@ -43,10 +53,17 @@ def cloud_times_from(profile: Profile) -> CloudTimes:
 
 
 def cut_costs(
-    bundle: Bundle, edge: Profile, cloud: CloudTimes, codecs: Sequence[str] = DEFAULT_CODECS
+    bundle: Bundle,
+    edge: Profile,
+    cloud: CloudTimes,
+    codecs: Sequence[str] = DEFAULT_CODECS,
+    suite: str = DEFAULT_SUITE,
 ) -> list[CutCost]:
-    """One CutCost per allowed (cut, codec); "output" (edge-only) once, with codec "none"."""
+    """One CutCost per allowed (cut, codec); "output" (edge-only) once, with codec "none".
+
+    `suite` is the service key's HPKE suite: the ML-KEM hybrid adds about 1 KB to every request."""
     m = bundle.manifest
+    overhead = seal_overhead_bytes(suite)
     down = sum(t.nbytes for t in m.outputs) + SEAL_OVERHEAD_BYTES
     costs = []
     for cut in m.cuts:
@@ -58,7 +75,7 @@ def cut_costs(
         cloud_ms = sum(_cloud_ms(cloud, edge, segment_name(s.file)) for s in m.tail(cut.id))
         for codec in _codecs_for(m, cut.id, codecs):
             timing = _codec_timing(edge, cut.id, codec)
-            bytes_up, drop = _bytes_and_drop(m, cut.id, codec, timing)
+            bytes_up, drop = _bytes_and_drop(m, cut.id, codec, timing, overhead)
             encode_ms = timing.encode_ms if timing else 0.0
             costs.append(
                 CutCost(
@@ -128,7 +145,7 @@ def _same_codec(a: str, b: str) -> bool:
 
 
 def _bytes_and_drop(
-    m: Manifest, cut_id: str, codec: str, timing: CodecTiming | None
+    m: Manifest, cut_id: str, codec: str, timing: CodecTiming | None, overhead: int
 ) -> tuple[int, float | None]:
     """Sealed request bytes and accuracy drop (None = unknown): bytes from the fidelity report
     (real photos) first, then the profile's measurement (one input, already sealed), then an
@@ -137,12 +154,12 @@ def _bytes_and_drop(
     drop = None if agree is None else max(0.0, 1.0 - agree)
     row = _fidelity(m, cut_id, codec)
     if row is not None:
-        return int(float(str(row["bytes"]))) + SEAL_OVERHEAD_BYTES, drop
-    if timing is not None:
-        return timing.bytes_, drop
+        return int(float(str(row["bytes"]))) + overhead, drop
+    if timing is not None:  # measured sealed with the default suite
+        return timing.bytes_ - SEAL_OVERHEAD_BYTES + overhead, drop
     scheme = codec.split("-")[0].rstrip("0123456789") if codec.startswith("jpeg") else codec.split("-")[0]
     elems = sum(t.numel for t in m.cut(cut_id).frontier)
-    return elems * BITS.get(scheme, 32) // 8 + SEAL_OVERHEAD_BYTES, drop
+    return elems * BITS.get(scheme, 32) // 8 + overhead, drop
 
 
 def _codec_timing(edge: Profile, cut_id: str, codec: str) -> CodecTiming | None:

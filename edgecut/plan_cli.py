@@ -41,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="top-1 disagreement budget by the bundle's fidelity table, e.g. 0.5%% (default 1%%); "
         "'off' also allows options the table does not cover",
     )
+    p.add_argument(
+        "--key-suite",
+        default="x25519",
+        choices=["x25519", "mlkem768-x25519"],
+        help="with --cloud-profile: the service key's suite (sets the seal overhead; --cloud asks)",
+    )
     p.add_argument("--max-edge-mem", type=int, help="bytes of segment weights the edge may hold")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -55,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
 
     bundle = load_bundle(args.bundle)
     link = LinkConfig.parse(args.bandwidth, args.rtt)
-    cloud = (
-        cloud_times_from(load_profile(args.cloud_profile))
-        if args.cloud_profile
-        else serverinfo.ask(args.cloud, bundle.manifest.model, bundle.manifest.version).times
-    )
-    costs = cut_costs(bundle, load_profile(args.edge_profile), cloud, args.codec.split(","))
+    if args.cloud_profile:
+        cloud, suite = cloud_times_from(load_profile(args.cloud_profile)), args.key_suite
+    else:
+        info = serverinfo.ask(args.cloud, bundle.manifest.model, bundle.manifest.version)
+        cloud, suite = info.times, info.key_suite
+    costs = cut_costs(bundle, load_profile(args.edge_profile), cloud, args.codec.split(","), suite)
     constraints = Constraints(args.min_cut, args.max_edge_mem, parse_accuracy_budget(args.max_accuracy_drop))
     result = plan(
         costs,

@@ -23,6 +23,7 @@ class TailInfo:
     queue_delay_ms: float  # its live queue estimate
     times: CloudTimes  # per-segment tail latency from its warm-up profile
     unprofiled: tuple[str, ...]  # segments it reports no timing for (unknown, not free)
+    key_suite: str = "x25519"  # HPKE suite of the key frames are sealed to (sets the seal overhead)
 
 
 def find_model(
@@ -52,6 +53,7 @@ def tail_info(reply: pb.ServerInfoReply, model: pb.ModelInfo) -> TailInfo:
         reply.queue_delay_ms,
         CloudTimes({s: ms for s, ms in times.items() if ms > 0}),
         tuple(sorted(s for s, ms in times.items() if ms <= 0)),
+        reply.key_suite or "x25519",
     )
 
 

@@ -24,12 +24,13 @@ from edgecut.bundle import Bundle
 from edgecut.edge.cutchoice import CutChoice
 from edgecut.edge.runner import Runner
 from edgecut.edge.session import Reply, TailSession, Ticket, is_retryable
-from edgecut.errors import EdgecutError, UnavailableError, UsageError
+from edgecut.errors import EdgecutError, RemoteError, UnavailableError, UsageError
 from edgecut.images import load_image, prepare
 
 log = logging.getLogger(__name__)
 
 FALLBACKS = ("local", "fail")
+REFUSALS = ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND")  # the cut itself, not load
 FALLBACK_WARN_AFTER = 5  # local answers in a row before the run warns that the cloud is not used
 
 
@@ -244,6 +245,8 @@ class Agent:
             self.resent += 1
             self._submit(work)
             return self._answer(work)
+        if isinstance(exc, RemoteError) and exc.status in REFUSALS:
+            self.choice.refused(work.cut, work.codec, str(exc))
         if self.options.fallback == "local":
             log.info("%s: cloud failed (%s); computing cut %s locally", work.item.name, exc, work.cut)
             self._count_fallback(str(exc))

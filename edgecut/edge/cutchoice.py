@@ -15,6 +15,7 @@ calibration and image normalisation of a cut are looked up in one place.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ from edgecut.profile import load_profile
 log = logging.getLogger(__name__)
 
 REBUILD_EVERY = 8  # edge observations between cost-table rebuilds
+RESTART_FACTOR = 4.0  # a probe this far from the uplink estimate (either way) counts as a move
 
 
 class CutChoice(Protocol):
@@ -50,6 +52,7 @@ class CutChoice(Protocol):
     def observe(self, reply: Reply, wire_ms: float) -> None: ...
     def observe_edge(self, first: int, timings_ms: Sequence[float]) -> None: ...
     def observe_encode(self, cut: str, codec_name: str, encode_ms: float, payload_bytes: int) -> None: ...
+    def refused(self, cut: str, codec_name: str, why: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -118,6 +121,9 @@ class FixedCut(Encoder):
     def observe_encode(self, cut: str, codec_name: str, encode_ms: float, payload_bytes: int) -> None:
         """A fixed cut ignores timings."""
 
+    def refused(self, cut: str, codec_name: str, why: str) -> None:
+        """A fixed cut is what the user asked for: the errors say why it fails."""
+
     def close(self) -> None:
         """Nothing runs in the background."""
 
@@ -152,6 +158,8 @@ class AutoCut(Encoder):
         self._built_at = 0  # edge observations when the cost table was built
         self._last_transfer = 0.0  # perf_counter of the last real transfer observed
         self._prober: LinkProber | None = None
+        self._refused: set[tuple[str, str]] = set()  # options the server refused outright
+        self._moved = 0  # probe rounds in a row that found the uplink far from its estimate
 
     def calibrate(self, feeds: Mapping[str, np.ndarray]) -> None:
         """First plan: the profile given (or one pass on `feeds`), the server's tail profile if
@@ -183,7 +191,9 @@ class AutoCut(Encoder):
         self._generation = self.session.generation if self.session else 0
         self._built_at = self.edge.observations
         cloud = info.times if info else CloudTimes({})
-        costs = cut_costs(self.bundle, self.edge.profile(), cloud, self.codecs)
+        suite = self.session.config.server_key.suite if self.session else "x25519"
+        costs = cut_costs(self.bundle, self.edge.profile(), cloud, self.codecs, suite)
+        costs = [c for c in costs if (c.cut, c.codec) not in self._refused]
         if info is not None:
             self.link.observe_queue(info.queue_delay_ms)
         if self.replanner is None:
@@ -228,6 +238,17 @@ class AutoCut(Encoder):
             if self.replanner is not None:
                 self.replanner.update(self.link.estimate())
 
+    def refused(self, cut: str, codec_name: str, why: str) -> None:
+        """The server refused (cut, codec) as such (not for load or the network): never plan it
+        again in this run, rather than hide it behind the local fallback on every request."""
+        with self._lock:
+            if (cut, codec_name) in self._refused:
+                return
+            log.warning("the server refuses %s/%s (%s); planning without it", cut, codec_name, why)
+            self._refused.add((cut, codec_name))
+            if self.edge is not None:
+                self._rebuild()
+
     def observe_edge(self, first: int, timings_ms: Sequence[float]) -> None:
         if self.edge is not None:
             self.edge.observe_segments(first, timings_ms)
@@ -245,9 +266,29 @@ class AutoCut(Encoder):
         return time.perf_counter() - self._last_transfer
 
     def probed(self, rtt_ms: float | None, bytes_up: int, wire_ms: float) -> None:
+        """A probe round: `bytes_up` took `wire_ms` there and back, `rtt_ms` for an empty one.
+
+        The upload's transfer time is its round trip less this round's empty one (not the
+        averaged RTT, which may still carry an old link's queueing). A link that moved far
+        (`RESTART_FACTOR`) in two rounds in a row restarts the uplink average: probes are small
+        next to the transfers that built it, and would take a minute to pull it back.
+        """
         with self._lock:
+            before = self.link.estimate()
             if rtt_ms is not None:
                 self.link.observe_rtt(rtt_ms)
+                wire_ms += self.link.estimate().rtt_ms - rtt_ms  # the estimator subtracts its RTT
+            transfer_ms = wire_ms - self.link.estimate().rtt_ms
+            rate_bps = bytes_up * 8 / transfer_ms * 1e3 if transfer_ms > 0 else math.inf
+            moved = max(rate_bps / before.up_bps, before.up_bps / rate_bps) > RESTART_FACTOR
+            self._moved = self._moved + 1 if moved else 0
+            if self._moved >= 2:
+                log.info(
+                    "link probes: uplink far from %.2f Mbit/s twice; restarting its estimate",
+                    before.up_bps / 1e6,
+                )
+                self.link.restart_uplink()
+                self._moved = 0
             self.link.observe_transfer(bytes_up, 0, wire_ms)
             if self.replanner is not None:
                 self.replanner.update(self.link.estimate())

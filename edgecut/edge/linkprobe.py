@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 SHARE = 0.05  # of the estimated uplink that probes may use
 TARGET_MS = 100.0  # a probe's upload time at the estimated rate
-MIN_BYTES, MAX_BYTES = 4 << 10, 1 << 20  # probe upload size bounds
+MIN_BYTES, MAX_BYTES = 16 << 10, 1 << 20  # probe upload size bounds (small ones drown in RTT jitter)
 MIN_PERIOD_S = 1.0  # never probe more often than this
 MAX_TIMEOUT_MS = 10_000.0
 FAILURES_TO_DROP = 2

@@ -208,14 +208,6 @@ class _Stream:
             self._call.cancel()
             self._session._on_broken(self, error)
 
-    @property
-    def peer(self) -> str:
-        """The replica this stream reached (e.g. "ipv4:127.0.0.1:5001"), or "?" before it did."""
-        try:
-            return str(self._call.peer())
-        except Exception:  # not connected yet, or already torn down
-            return "?"
-
     def cancel(self) -> None:
         self._call.cancel()
 
@@ -282,11 +274,6 @@ class TailSession:
             old.close()
         log.info("connected to %s (%s, key %s)", self.config.target, info.device, info.key_id)
         return info
-
-    def peers(self) -> list[str]:
-        """The replica behind each live stream (e.g. "ipv4:127.0.0.1:5001"), for logs and tests."""
-        with self._lock:
-            return [s.peer for s in self._streams]
 
     def reconnect(self) -> bool:
         """Connect if no stream is open and the backoff allows; whether the session is connected.
@@ -499,9 +486,8 @@ class TailSession:
                 del self._pending[rid]
         if lost:
             log.warning(
-                "stream to %s (%s) broke (%s): %d request(s) in flight",
+                "a stream to %s broke (%s): %d request(s) in flight",
                 self.config.target,
-                stream.peer,
                 error,
                 len(lost),
             )

@@ -87,7 +87,7 @@ def run_sweep(
     edge = _edge(bundle, cfg, profile)
     with cloud.endpoint(bundle, cfg.cloud, cfg.server_key, cfg.cloud_threads) as ep:
         info = cloud.tail_info(ep.address, m.model, m.version)
-        costs = cut_costs(bundle, profile, info.times, cfg.codecs)
+        costs = cut_costs(bundle, profile, info.times, cfg.codecs, info.key_suite)
         plans = [_plan_link(link, costs, info.queue_delay_ms, base) for link in links]
         start(sum(len(p.cells) for p in plans) * (cfg.warmup + cfg.requests))
         load = [os.getloadavg()[0]]
