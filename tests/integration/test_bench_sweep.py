@@ -78,6 +78,8 @@ def check_outputs(out: Path) -> dict[str, Any]:
     } <= set(header)
     doc: dict[str, Any] = json.loads((out / "results.json").read_text())
     assert doc["run"]["command"].startswith("edgecut bench sweep ")
+    assert doc["run"]["revision"] and not doc["run"]["revision"].startswith("unknown")
+    assert doc["run"]["packages"]["onnxruntime"] != "not installed"
     return doc
 
 

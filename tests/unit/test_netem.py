@@ -438,3 +438,12 @@ def test_netem_cli_refuses_an_empty_burst(capsys: pytest.CaptureFixture[str]) ->
 
     assert main(["netem", "--to", "127.0.0.1:9", "--bandwidth", "8mbit", "--burst", "0"]) == 2
     assert "error: --burst 0" in capsys.readouterr().err
+
+
+def test_overhead_does_not_count_the_burst_credit_as_link_time() -> None:
+    from edgecut.apps.sweep.report import framework_overhead
+
+    ideal = 10.0 + 1.0 + 5.0 + 20.0  # edge, encode, tail compute, RTT; 8 KB within the burst
+    assert framework_overhead(ideal, 10.0, 1.0, 5.0, 8000, 0, 8e6, 20.0, burst_bytes=16384) == 1.0
+    # without the credit the same request would look faster than the link allows
+    assert framework_overhead(ideal, 10.0, 1.0, 5.0, 8000, 0, 8e6, 20.0) < 1.0

@@ -10,14 +10,18 @@ the grid lacks it, so the oracle (best measured grid cell) always had the chance
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
 import os
 import platform
+import random
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 
@@ -94,6 +98,8 @@ def run_sweep(
         rows = _measure_all(plans, edge, ep, cfg, tick, load)
     run = RunInfo(
         command=cfg.command(),
+        revision=code_revision(),
+        packages=package_versions(),
         started_at=started,
         wall_s=round(time.perf_counter() - t0, 1),
         machine=edge.machine,
@@ -203,16 +209,19 @@ def _measure_link(
 ) -> list[Measurement]:
     """warm-up + timed rounds; each round sends the same photo once through every run.
 
-    Interleaving rounds (and rotating which run goes first) spreads any slow spell of a shared
-    machine over all runs of the link alike, instead of landing on whichever run was measuring
-    then. Each run keeps its own agent, so auto is still measured on its own requests.
+    Interleaving rounds, in an order shuffled afresh every round (seeded by the link, so a rerun
+    repeats it), spreads any slow spell of a shared machine over all runs of the link alike and
+    gives no run a fixed neighbour: a fixed order let one run always follow the same other one,
+    and the pairing showed up as a difference. Each run keeps its own agent, so auto is still
+    measured on its own requests.
     """
     runs = [_CellRun(lp, cell, edge, session, cfg.warmup) for cell in lp.cells]
     n = len(edge.photos)
     for i in range(cfg.warmup + cfg.requests):
         name, image = edge.photos[i % n]
-        k = i % len(runs)
-        for run in runs[k:] + runs[:k]:
+        order = list(runs)
+        random.Random(f"{lp.link.label}/{i}").shuffle(order)
+        for run in order:
             run.agent.run([image_input(i, name, image)], run.emit)
             tick(run.what)
     return [row for run in runs for row in sorted(run.rows, key=lambda r: r.request)]
@@ -286,6 +295,32 @@ def _row(
         predicted_ms=predicted,
         error=r.error or "",
     )
+
+
+def code_revision() -> str:
+    """`git describe --always --dirty` of the edgecut checkout, or why there is none."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc.__class__.__name__})"
+    return out.stdout.strip() or f"unknown (git: {out.stderr.strip()[:80]})"
+
+
+PACKAGES = ("edgecut", "onnxruntime", "numpy", "grpcio", "protobuf", "zstandard", "cryptography")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages whose speed the figures depend on."""
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 def machine() -> str:
