@@ -11,7 +11,7 @@ not exact. Lossless options (edge-only, codec "none") need no row.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgecut.bundle import Bundle, Manifest
 from edgecut.planner import CutCost
@@ -38,7 +38,8 @@ class CloudTimes:
     """The tail's per-segment latency (from ServerInfo or a cloud profile) and its decode cost."""
 
     segment_ms: Mapping[str, float]  # segment name ("seg_003") -> median ms on the server
-    decode_ms: float = 0.0  # open + decode per request, ms
+    decode_ms: float = 0.0  # open + decode per request, ms (any cut)
+    cut_decode_ms: Mapping[str, float] = field(default_factory=dict)  # per cut, as the server served them
 
 
 def segment_name(file: str) -> str:
@@ -77,6 +78,7 @@ def cut_costs(
             timing = _codec_timing(edge, cut.id, codec)
             bytes_up, drop = _bytes_and_drop(m, cut.id, codec, timing, overhead)
             encode_ms = timing.encode_ms if timing else 0.0
+            decode_ms = _decode_ms(cloud, cut.id, timing)
             costs.append(
                 CutCost(
                     cut.id,
@@ -84,7 +86,7 @@ def cut_costs(
                     codec,
                     edge_ms,
                     encode_ms,
-                    cloud.decode_ms,
+                    decode_ms,
                     bytes_up,
                     down,
                     cloud_ms,
@@ -93,6 +95,13 @@ def cut_costs(
                 )
             )
     return costs
+
+
+def _decode_ms(cloud: CloudTimes, cut_id: str, timing: CodecTiming | None) -> float:
+    """The server's open + decode at this cut as it served it; else its overall figure (a cloud
+    profile); else this device's own figure for the codec (the same work, on a slower CPU)."""
+    served = cloud.cut_decode_ms.get(cut_id, 0.0) or cloud.decode_ms
+    return served if served > 0 or timing is None else timing.decode_ms
 
 
 def _cloud_ms(cloud: CloudTimes, edge: Profile, segment: str) -> float:

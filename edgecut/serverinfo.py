@@ -51,7 +51,10 @@ def tail_info(reply: pb.ServerInfoReply, model: pb.ModelInfo) -> TailInfo:
     return TailInfo(
         reply.device,
         reply.queue_delay_ms,
-        CloudTimes({s: ms for s, ms in times.items() if ms > 0}),
+        CloudTimes(
+            {s: ms for s, ms in times.items() if ms > 0},
+            cut_decode_ms={c.id: c.decode_ms for c in model.cuts if c.decode_ms > 0},
+        ),
         tuple(sorted(s for s, ms in times.items() if ms <= 0)),
         reply.key_suite or "x25519",
     )

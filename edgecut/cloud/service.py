@@ -205,6 +205,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             t2 = time.perf_counter()
             payload = codec.encode(result.outputs, entry.bundle.manifest.outputs, ANSWER_CODEC)
             sealed_answer = sealing.seal_response(response_key, binding, payload)
+        _note_decode(entry.extra, cut.id, (t1 - t0) * 1e3)
         timings = pb.Timings(
             queue_ms=result.queue_ms,
             decode_ms=(t1 - t0) * 1e3,
@@ -274,11 +275,21 @@ def _check_batch(bundle: Bundle, header: codec.FrameHeader) -> None:
         raise CodecError(f"{bundle.name} is not batchable: send one item per frame, not {max(rows)}")
 
 
+def _note_decode(extra: dict[str, Any], cut: str, decode_ms: float) -> None:
+    """Running average of open + decode per cut, for ServerInfo: the edge's cost model reads it."""
+    seen: dict[str, float] = extra.setdefault("decode_ms", {})
+    seen[cut] = decode_ms if cut not in seen else seen[cut] + 0.2 * (decode_ms - seen[cut])
+
+
 def _model_info(entry: Entry) -> pb.ModelInfo:
     manifest, timings = entry.bundle.manifest, entry.extra.get("timings", {})
+    decode = entry.extra.get("decode_ms", {})
     cuts = [
         pb.CutInfo(
-            id=cut.id, depth=cut.depth, tail=[_profile(s.file, timings) for s in manifest.tail(cut.id)]
+            id=cut.id,
+            depth=cut.depth,
+            tail=[_profile(s.file, timings) for s in manifest.tail(cut.id)],
+            decode_ms=decode.get(cut.id, 0.0),
         )
         for cut in manifest.cuts
     ]
