@@ -3,9 +3,13 @@
 For each input: preprocess as the bundle says, run the head (segments 1..k), encode the frontier,
 seal and queue it on the tail session, then go on to the next input while that frame is on the
 wire; at most `in_flight` inputs are outstanding. Results are emitted in input order. A request
-the cloud cannot answer (down, too slow, overloaded) is retried once under a fresh id or computed
-locally (segments k+1..N) per `fallback`; either way it yields exactly one result, marked with where
-it was computed. Bad inputs yield one error result each and the loop keeps going.
+whose stream broke (a replica died or failed it) is resent under a fresh id, to another replica
+when there is one, up to `cloud_attempts` sends in all; a request the cloud cannot answer (down,
+too slow, overloaded) is then retried once or computed locally (segments k+1..N) per `fallback`;
+either way it yields exactly one result, marked with where it was computed. A run that keeps
+falling back says so: a warning after every `FALLBACK_WARN_AFTER` local answers in a row (and
+`edgecut edge run` in its summary line). A cut the server refuses outright leaves the auto plan.
+Bad inputs yield one error result each and the loop keeps going.
 """
 
 from __future__ import annotations
