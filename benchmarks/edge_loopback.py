@@ -8,6 +8,7 @@ wait `max_queue_delay_ms` for batch-mates that never come). Per request it recor
 
     framework overhead = measured total / (edge + encode + server compute + bytes/bandwidth + RTT)
 
+(`edgecut.apps.sweep.report.framework_overhead`, the sweep's formula too)
 with RTT (median of small Probes) and loopback bandwidth (a 4 MiB Probe) measured at start; the
 ratio is the median over requests ("vs stages" divides by the sum of every measured stage
 instead, server decode and wire included: the agent's own bookkeeping). Everything not in the
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecut.apps.demo import cache_dir, cached_bundle
+from edgecut.apps.sweep.report import framework_overhead
 from edgecut.cloud.spawn import tail_service
 from edgecut.edge.agent import Result, image_input
 from edgecut.edge.session import SessionConfig, TailSession
@@ -105,14 +107,16 @@ def _unaccounted(r: Result) -> float:
 
 def _overhead(r: Result, link: dict[str, float]) -> float:
     t = r.timings_ms
-    ideal = (
-        t["edge_ms"]
-        + t["encode_ms"]
-        + t["server_compute_ms"]
-        + r.bytes_up * 8 / link["up_bps"] * 1e3
-        + link["rtt_ms"]
+    return framework_overhead(
+        t["total_ms"],
+        t["edge_ms"],
+        t["encode_ms"],
+        t["server_compute_ms"],
+        r.bytes_up,
+        r.bytes_down,
+        link["up_bps"],
+        link["rtt_ms"],
     )
-    return t["total_ms"] / ideal
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

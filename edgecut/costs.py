@@ -2,22 +2,36 @@
 
 The planner is pure math over `CutCost`s; this module is where measurements meet it. Byte counts
 come from the bundle's fidelity report (measured on real held-out photos at partition time) or,
-without one, from the frontier size and the codec's bits per value — marked as estimated.
+without one, from the frontier size and the codec's bits per value — marked as estimated. The
+accuracy of an option is its fidelity row's top-1 agreement (read only through `agreement`); an
+option without a row has an unknown accuracy (None), which an accuracy budget excludes: unknown is
+not exact. Lossless options (edge-only, codec "none") need no row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgecut.bundle import Bundle, Manifest
 from edgecut.planner import CutCost
 from edgecut.profile import CodecTiming, Profile
+from edgecut.sealing import request_overhead_bytes
 from edgecut.variants import FLOAT, VariantCut, head_variants
 
-SEAL_OVERHEAD_BYTES = 89 + 64  # HPKE enc + tag + plaintext header, plus Frame fields
+FRAME_FIELDS_BYTES = 64  # request id, model, version, cut, deadline: the Frame's own fields
+DEFAULT_SUITE = "x25519"
+
+
+def seal_overhead_bytes(suite: str = DEFAULT_SUITE) -> int:
+    """Bytes a request frame carries beyond its codec payload under the service key's suite."""
+    return request_overhead_bytes(suite) + FRAME_FIELDS_BYTES
+
+
+SEAL_OVERHEAD_BYTES = seal_overhead_bytes()  # with the default suite (profiles seal with it)
 BITS = {"none": 32, "fp16": 16, "int8": 8, "int6": 8, "int4": 4, "jpeg": 1}
 DEFAULT_CODECS = ("int8-channel-z3",)
+INPUT_BASELINE = "jpeg90"  # at an image model's input: what a user would upload without edgecut
 
 
 @dataclass(frozen=True)
@@ -25,7 +39,8 @@ class CloudTimes:
     """The tail's per-segment latency (from ServerInfo or a cloud profile) and its decode cost."""
 
     segment_ms: Mapping[str, float]  # segment name ("seg_003") -> median ms on the server
-    decode_ms: float = 0.0  # open + decode per request, ms
+    decode_ms: float = 0.0  # open + decode per request, ms (any cut)
+    cut_decode_ms: Mapping[str, float] = field(default_factory=dict)  # per cut, as the server served them
 
 
 def segment_name(file: str) -> str:
@@ -45,18 +60,20 @@ def cut_costs(
     cloud: CloudTimes,
     codecs: Sequence[str] = DEFAULT_CODECS,
     precisions: Sequence[str] = (FLOAT,),
+    suite: str = DEFAULT_SUITE,
 ) -> list[CutCost]:
     """One CutCost per allowed (cut, precision, codec); "output" (edge-only) with codec "none".
 
-    A precision variant (int8 head) is listed only at cuts where the bundle offers it."""
+    A precision variant (int8 head) is listed only at cuts where the bundle offers it. `suite` is
+    the service key's HPKE suite: the ML-KEM hybrid adds about 1 KB to every request."""
     costs = []
     for precision in precisions:
-        costs += _costs_at(bundle, edge, cloud, codecs, precision)
+        costs += _costs_at(bundle, edge, cloud, codecs, precision, seal_overhead_bytes(suite))
     return costs
 
 
 def _costs_at(
-    bundle: Bundle, edge: Profile, cloud: CloudTimes, codecs: Sequence[str], precision: str
+    bundle: Bundle, edge: Profile, cloud: CloudTimes, codecs: Sequence[str], precision: str, overhead: int
 ) -> list[CutCost]:
     m = bundle.manifest
     variant = head_variants(m).get(precision) if precision != FLOAT else None
@@ -79,10 +96,11 @@ def _costs_at(
         cloud_ms = sum(_cloud_ms(cloud, edge, segment_name(s.file)) for s in m.tail(cut.id))
         for codec in _codecs_for(m, cut.id, codecs):
             timing = _codec_timing(edge, cut.id, codec)
-            bytes_up, drop = _bytes_and_drop(m, cut.id, codec, timing)
+            bytes_up, drop = _bytes_and_drop(m, cut.id, codec, timing, overhead)
             if vrow is not None:
-                drop = _variant_drop(vrow, codec, drop + head_drop)
+                drop = _variant_drop(vrow, codec, None if drop is None else drop + head_drop)
             encode_ms = timing.encode_ms if timing else 0.0
+            decode_ms = _decode_ms(cloud, cut.id, timing)
             costs.append(
                 CutCost(
                     cut.id,
@@ -90,7 +108,7 @@ def _costs_at(
                     codec,
                     edge_ms,
                     encode_ms,
-                    cloud.decode_ms,
+                    decode_ms,
                     bytes_up,
                     down,
                     cloud_ms,
@@ -119,10 +137,17 @@ def _variant_head(
     return ms, row.model_bytes.get(precision, 0), max(0.0, 1.0 - row.agreement)
 
 
-def _variant_drop(row: VariantCut, codec: str, bound: float) -> float:
+def _variant_drop(row: VariantCut, codec: str, bound: float | None) -> float | None:
     """Measured drop of variant head + codec + float tail, else the sum of the two drops."""
     measured = next((a for c, a in row.codec_agreement.items() if _same_codec(c, codec)), None)
     return max(0.0, 1.0 - measured) if measured is not None else bound
+
+
+def _decode_ms(cloud: CloudTimes, cut_id: str, timing: CodecTiming | None) -> float:
+    """The server's open + decode at this cut as it served it; else its overall figure (a cloud
+    profile); else this device's own figure for the codec (the same work, on a slower CPU)."""
+    served = cloud.cut_decode_ms.get(cut_id, 0.0) or cloud.decode_ms
+    return served if served > 0 or timing is None else timing.decode_ms
 
 
 def _cloud_ms(cloud: CloudTimes, edge: Profile, segment: str) -> float:
@@ -133,9 +158,32 @@ def _cloud_ms(cloud: CloudTimes, edge: Profile, segment: str) -> float:
 
 
 def _codecs_for(m: Manifest, cut_id: str, codecs: Sequence[str]) -> list[str]:
-    if cut_id == "input" and m.preprocess.kind == "image":
-        return ["jpeg90"]  # the honest cloud-only baseline: what a user would upload anyway
-    return [c for c in codecs if not c.startswith("jpeg")]
+    """The given codecs wherever they apply (image codecs only at an image model's input), and
+    the JPEG upload as the input's baseline when no image codec was given."""
+    image_input = cut_id == "input" and m.preprocess.kind == "image"
+    if not image_input:
+        return [c for c in codecs if not c.startswith("jpeg")]
+    return list(codecs) if any(c.startswith("jpeg") for c in codecs) else [*codecs, INPUT_BASELINE]
+
+
+def agreement(row: Mapping[str, object]) -> float:
+    """A fidelity row's top-1 agreement with the unsplit model, 0..1: the one place that reads it."""
+    return float(str(row["agreement"]))
+
+
+def option_agreement(m: Manifest, cut_id: str, codec: str) -> float | None:
+    """Top-1 agreement of (cut, codec) by the bundle's fidelity table; 1.0 for lossless options,
+    None when the table has no row for it (unknown)."""
+    if cut_id == m.cuts[-1].id or _lossless(codec):
+        return 1.0
+    row = _fidelity(m, cut_id, codec)
+    return None if row is None else agreement(row)
+
+
+def _lossless(codec: str) -> bool:
+    from edgecut.codec import CodecSpec
+
+    return CodecSpec.parse(codec).scheme == "none"
 
 
 def _fidelity(m: Manifest, cut_id: str, codec: str) -> Mapping[str, object] | None:
@@ -151,18 +199,22 @@ def _same_codec(a: str, b: str) -> bool:
     return str(CodecSpec.parse(a)) == str(CodecSpec.parse(b))
 
 
-def _bytes_and_drop(m: Manifest, cut_id: str, codec: str, timing: CodecTiming | None) -> tuple[int, float]:
-    """Sealed request bytes and accuracy drop: fidelity report (real photos) first, then the
-    profile's measurement (one synthetic input, already sealed), then an estimate."""
+def _bytes_and_drop(
+    m: Manifest, cut_id: str, codec: str, timing: CodecTiming | None, overhead: int
+) -> tuple[int, float | None]:
+    """Sealed request bytes and accuracy drop (None = unknown): bytes from the fidelity report
+    (real photos) first, then the profile's measurement (one input, already sealed), then an
+    estimate."""
+    agree = option_agreement(m, cut_id, codec)
+    drop = None if agree is None else max(0.0, 1.0 - agree)
     row = _fidelity(m, cut_id, codec)
-    drop = max(0.0, 1.0 - float(str(row["agreement"]))) if row is not None else 0.0
     if row is not None:
-        return int(float(str(row["bytes"]))) + SEAL_OVERHEAD_BYTES, drop
-    if timing is not None:
-        return timing.bytes_, drop
+        return int(float(str(row["bytes"]))) + overhead, drop
+    if timing is not None:  # measured sealed with the default suite
+        return timing.bytes_ - SEAL_OVERHEAD_BYTES + overhead, drop
     scheme = codec.split("-")[0].rstrip("0123456789") if codec.startswith("jpeg") else codec.split("-")[0]
     elems = sum(t.numel for t in m.cut(cut_id).frontier)
-    return elems * BITS.get(scheme, 32) // 8 + SEAL_OVERHEAD_BYTES, drop
+    return elems * BITS.get(scheme, 32) // 8 + overhead, drop
 
 
 def _codec_timing(edge: Profile, cut_id: str, codec: str) -> CodecTiming | None:

@@ -88,6 +88,11 @@ class LinkEstimator:
             up_ms = bytes_up * 8 / now.up_bps * 1000
             _fold(self._down_bits, self._down_ms, bytes_down * 8, transfer_ms - up_ms)
 
+    def restart_uplink(self) -> None:
+        """Forget the uplink history (the prior stands in until the next sample): for when probes
+        show the link has changed by far more than the averages could follow quickly."""
+        self._up_bits, self._up_ms = Ewma(self._up_bits.alpha), Ewma(self._up_ms.alpha)
+
     def observe_rtt(self, rtt_ms: float) -> None:
         """Round trip of a message small enough that its transfer time is negligible."""
         if rtt_ms >= 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -72,6 +73,20 @@ class LinkConfig:
         bps = None if bandwidth is None else parse_bandwidth(bandwidth)
         rtt_ms = 0.0 if rtt is None else parse_duration_ms(rtt)
         return cls(up_bps=bps, down_bps=bps, rtt_ms=rtt_ms)
+
+
+PACED_BURST_S = 0.004  # default bucket depth: this long at the link rate (one paced chunk)
+
+
+def paced_burst_bytes(bandwidth_bps: float | None) -> int:
+    """The bucket depth `edgecut netem` and the sweep use: one paced chunk, never below one MTU.
+
+    A deep bucket lets every frame smaller than it cross at once after a pause, whatever its
+    size; one chunk keeps a frame's time close to its bytes over the bandwidth.
+    """
+    if bandwidth_bps is None:
+        return LinkConfig.burst_bytes
+    return max(_MIN_CHUNK_BYTES, int(bandwidth_bps / 8 * PACED_BURST_S))
 
 
 def parse_bandwidth(text: str) -> float:
@@ -382,9 +397,16 @@ class ThreadedLinkEmulator:
         return self._run(call())
 
 
-def run_netem(listen: str, to: str, bandwidth: str | None, rtt: str | None) -> None:
-    """CLI body: proxy until Ctrl-C; the first stdout line is 'listening HOST:PORT'."""
-    emulator = LinkEmulator(parse_address(to), LinkConfig.parse(bandwidth, rtt), parse_address(listen))
+def run_netem(
+    listen: str, to: str, bandwidth: str | None, rtt: str | None, burst_bytes: int | None = None
+) -> None:
+    """CLI body: proxy until Ctrl-C; the first stdout line is 'listening HOST:PORT'.
+
+    `burst_bytes` None = `paced_burst_bytes` of the bandwidth (what the sweep uses)."""
+    link = LinkConfig.parse(bandwidth, rtt)
+    burst = paced_burst_bytes(link.up_bps) if burst_bytes is None else burst_bytes
+    link = dataclasses.replace(link, burst_bytes=burst)
+    emulator = LinkEmulator(parse_address(to), link, parse_address(listen))
 
     async def serve() -> None:
         host, port = await emulator.start()

@@ -11,7 +11,7 @@ from rich.table import Table
 from edgecut import credentials, serverinfo
 from edgecut.bundle import Manifest
 from edgecut.console import stdout_console
-from edgecut.planner import Plan
+from edgecut.planner import Constraints, Plan
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,13 +31,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="forbid the first N cuts (privacy: raw input never leaves the device)",
     )
-    p.add_argument("--codec", default="int8-channel", help="codec(s), comma separated")
+    p.add_argument(
+        "--codec",
+        default="int8-channel",
+        help="codec(s), comma separated, tried at every cut (the input also tries jpeg90 unless an "
+        "image codec is given)",
+    )
+    p.add_argument(
+        "--max-accuracy-drop",
+        default="1%",
+        help="top-1 disagreement budget by the bundle's fidelity table, e.g. 0.5%% (default 1%%); "
+        "'off' also allows options the table does not cover",
+    )
+    p.add_argument(
+        "--key-suite",
+        default="x25519",
+        choices=["x25519", "mlkem768-x25519"],
+        help="with --cloud-profile: the service key's suite (sets the seal overhead; --cloud asks)",
+    )
     p.add_argument(
         "--precision",
         default="auto",
         help="edge head precision(s): float, int8, or auto (float + every head the bundle offers)",
     )
-    p.add_argument("--max-accuracy-drop", help="e.g. 0.5%% (top-1 disagreement budget)")
     p.add_argument("--max-edge-mem", type=int, help="bytes of segment weights the edge may hold")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -47,24 +63,26 @@ def run(args: argparse.Namespace) -> int:
     from edgecut.bundle import load_bundle
     from edgecut.costs import cloud_times_from, cut_costs
     from edgecut.netem import LinkConfig
-    from edgecut.planner import Constraints, LinkEstimate, plan
+    from edgecut.planner import LinkEstimate, parse_accuracy_budget, plan
     from edgecut.profile import load_profile
 
     bundle = load_bundle(args.bundle)
     link = LinkConfig.parse(args.bandwidth, args.rtt)
-    cloud = (
-        cloud_times_from(load_profile(args.cloud_profile))
-        if args.cloud_profile
-        else serverinfo.ask(
+    if args.cloud_profile:
+        cloud, suite = cloud_times_from(load_profile(args.cloud_profile)), args.key_suite
+    else:
+        info = serverinfo.ask(
             args.cloud,
             bundle.manifest.model,
             bundle.manifest.version,
             credentials=credentials.from_args(args),
-        ).times
-    )
+        )
+        cloud, suite = info.times, info.key_suite
     precisions = _precisions(bundle.manifest, args.precision)
-    costs = cut_costs(bundle, load_profile(args.edge_profile), cloud, args.codec.split(","), precisions)
-    constraints = Constraints(args.min_cut, args.max_edge_mem, _percent(args.max_accuracy_drop))
+    costs = cut_costs(
+        bundle, load_profile(args.edge_profile), cloud, args.codec.split(","), precisions, suite=suite
+    )
+    constraints = Constraints(args.min_cut, args.max_edge_mem, parse_accuracy_budget(args.max_accuracy_drop))
     result = plan(
         costs,
         LinkEstimate(link.up_bps or 1e12, link.down_bps or 1e12, link.rtt_ms, args.queue_ms),
@@ -72,9 +90,11 @@ def run(args: argparse.Namespace) -> int:
         args.objective,
     )
     if args.json:
-        print(json.dumps(plan_json(result), indent=1))
+        print(json.dumps(plan_json(result, constraints), indent=1))
     else:
-        stdout_console().print(plan_table(result))
+        console = stdout_console()
+        console.print(plan_table(result))
+        console.print(budget_note(result, constraints))
     return 0
 
 
@@ -89,21 +109,30 @@ def _precisions(m: Manifest, text: str) -> tuple[str, ...]:
     return names
 
 
-def _percent(text: str | None) -> float | None:
-    from edgecut.errors import UsageError
+def budget_note(result: Plan, constraints: Constraints) -> str:
+    """One line on the accuracy budget: its value, and options it excluded for lack of a row."""
+    budget = constraints.max_accuracy_drop
+    if budget is None:
+        return "accuracy budget: off (options without a fidelity row are allowed, accuracy unknown)"
+    unknown = sum(1 for r in result.rows if r.cost.accuracy_drop is None)
+    note = f"accuracy budget: top-1 disagreement <= {budget:.2%} by the bundle's fidelity table"
+    if unknown:
+        note += (
+            f"; {unknown} option(s) without a fidelity row excluded as unknown "
+            "(--max-accuracy-drop off allows them)"
+        )
+    return note
 
-    if text is None:
-        return None
-    try:
-        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    except ValueError:
-        raise UsageError(f"--max-accuracy-drop '{text}' is not like 0.5% or 0.005") from None
-    return value
+
+def agreement_text(drop: float | None) -> str:
+    return "?" if drop is None else f"{1 - drop:.1%}"
 
 
-def plan_json(result: Plan) -> dict[str, object]:
+def plan_json(result: Plan, constraints: Constraints | None = None) -> dict[str, object]:
+    budget = constraints.max_accuracy_drop if constraints else None
     return {
         "objective": result.objective,
+        "max_accuracy_drop": budget,
         "chosen": {
             "cut": result.chosen.cost.cut,
             "precision": result.chosen.cost.precision,
@@ -117,6 +146,7 @@ def plan_json(result: Plan) -> dict[str, object]:
                 "predicted_ms": r.predicted_ms,
                 "stages_ms": dict(r.stages_ms),
                 "bytes_up": r.cost.bytes_up,
+                "agreement": None if r.cost.accuracy_drop is None else 1 - r.cost.accuracy_drop,
                 "allowed": r.allowed,
                 "reason": r.reason,
             }
@@ -141,6 +171,7 @@ def plan_table(result: Plan) -> Table:
         "down",
         "total ms",
         "bytes up",
+        "agree",
         "note",
     ):
         t.add_column(col, justify="left" if col in ("", "cut", "precision", "codec", "note") else "right")
@@ -155,6 +186,7 @@ def plan_table(result: Plan) -> Table:
             *(f"{s[k]:.1f}" for k in ("edge", "encode", "up", "rtt", "queue", "cloud", "down")),
             f"{r.predicted_ms:.1f}",
             str(r.cost.bytes_up),
+            agreement_text(r.cost.accuracy_drop),
             r.reason,
             style="bold green" if mark else ("dim" if not r.allowed else None),
         )

@@ -26,6 +26,7 @@ from edgecut.link import LinkEstimator as LinkEstimator
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("latency", "throughput")
+DEFAULT_MAX_ACCURACY_DROP = 0.01  # `plan` and `--cut auto`: top-1 disagreement budget, 0..1
 STAGES = ("edge", "encode", "up", "rtt", "queue", "decode", "cloud", "down")  # pipeline order
 
 
@@ -43,7 +44,7 @@ class CutCost:
     bytes_down: int  # answer frame bytes
     cloud_ms: float  # sum of tail segment latencies seg_k+1..seg_N (0 for "output")
     edge_mem_bytes: int = 0  # peak memory of the edge part
-    accuracy_drop: float = 0.0  # 1 - top-1 agreement with the unsplit model, 0..1
+    accuracy_drop: float | None = 0.0  # 1 - top-1 agreement with the unsplit model, 0..1; None = unknown
     precision: str = "float"  # edge head precision: "float" or a variant such as "int8"
 
     @property
@@ -67,8 +68,11 @@ class Constraints:
             found.append(f"min_depth: depth {cost.depth} < {self.min_depth}")
         if self.max_edge_mem_bytes is not None and cost.edge_mem_bytes > self.max_edge_mem_bytes:
             found.append(f"max_edge_mem_bytes: {cost.edge_mem_bytes} B > {self.max_edge_mem_bytes} B")
-        if self.max_accuracy_drop is not None and cost.accuracy_drop > self.max_accuracy_drop:
-            found.append(f"max_accuracy_drop: {cost.accuracy_drop:.2%} > {self.max_accuracy_drop:.2%}")
+        if self.max_accuracy_drop is not None:
+            if cost.accuracy_drop is None:
+                found.append("max_accuracy_drop: accuracy unknown (no fidelity row)")
+            elif cost.accuracy_drop > self.max_accuracy_drop:
+                found.append(f"max_accuracy_drop: {cost.accuracy_drop:.2%} > {self.max_accuracy_drop:.2%}")
         return found
 
 
@@ -96,6 +100,19 @@ class Plan:
         """The row for option (cut, precision, codec), if it was planned."""
         key = (cut, codec, precision)
         return next((r for r in self.rows if (r.cost.cut, r.cost.codec, r.cost.precision) == key), None)
+
+
+def parse_accuracy_budget(text: str | None) -> float | None:
+    """`--max-accuracy-drop` as a fraction 0..1; "off" (or "none") disables the budget."""
+    if text is None or text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise UsageError(f"--max-accuracy-drop '{text}' is not like 0.5%, 0.005 or off") from None
+    if not 0 <= value <= 1:
+        raise UsageError(f"--max-accuracy-drop '{text}' must be between 0% and 100%")
+    return value
 
 
 def stages_ms(cost: CutCost, link: LinkEstimate) -> dict[str, float]:

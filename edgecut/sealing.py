@@ -217,6 +217,12 @@ class ReplayGuard:
             del self._expiry_ms[request_id]
 
 
+def request_overhead_bytes(suite: str) -> int:
+    """Bytes sealing adds to a request payload under `suite`: KEM encapsulation (32 B for X25519,
+    1120 B for the ML-KEM-768 hybrid), AEAD tag and the plaintext header."""
+    return _KEMS[suite].enc_length() + _TAG_BYTES + _HEADER.size
+
+
 def seal_request(
     public: ServicePublicKey, binding: Binding, payload: bytes, *, now_ms: int | None = None
 ) -> tuple[bytes, bytes]:

@@ -24,13 +24,26 @@ class TailInfo:
     queue_delay_ms: float  # its live queue estimate
     times: CloudTimes  # per-segment tail latency from its warm-up profile
     unprofiled: tuple[str, ...]  # segments it reports no timing for (unknown, not free)
+    key_suite: str = "x25519"  # HPKE suite of the key frames are sealed to (sets the seal overhead)
 
 
-def find_model(reply: pb.ServerInfoReply, model: str, version: str, where: str) -> pb.ModelInfo:
+def find_model(
+    reply: pb.ServerInfoReply, model: str, version: str, where: str, build: str = ""
+) -> pb.ModelInfo:
+    """The served model version, checked against `build` (a manifest sha256; "" = any build).
+
+    Another build of the same version would silently compute other results, so it is refused
+    like a missing model; the edge session and `edgecut plan` both check here.
+    """
     found = next((m for m in reply.models if (m.name, m.version) == (model, version)), None)
     if found is None:
         serves = ", ".join(f"{m.name}:{m.version}" for m in reply.models) or "nothing"
-        raise NotFoundError(f"{where} does not serve {model}:{version} (serves: {serves})")
+        raise NotFoundError(f"{where} has no model '{model}' version '{version}' (serves: {serves})")
+    if build and found.manifest_sha256 and found.manifest_sha256 != build:
+        raise NotFoundError(
+            f"{where} serves a different build of {model}:{version} "
+            f"(manifest sha {found.manifest_sha256[:12]} vs local {build[:12]})"
+        )
     return found
 
 
@@ -39,8 +52,12 @@ def tail_info(reply: pb.ServerInfoReply, model: pb.ModelInfo) -> TailInfo:
     return TailInfo(
         reply.device,
         reply.queue_delay_ms,
-        CloudTimes({s: ms for s, ms in times.items() if ms > 0}),
+        CloudTimes(
+            {s: ms for s, ms in times.items() if ms > 0},
+            cut_decode_ms={c.id: c.decode_ms for c in model.cuts if c.decode_ms > 0},
+        ),
         tuple(sorted(s for s, ms in times.items() if ms <= 0)),
+        reply.key_suite or "x25519",
     )
 
 

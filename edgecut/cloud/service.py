@@ -79,6 +79,12 @@ MAX_IN_FLIGHT_PER_STREAM = 256  # requests (and unsent answers) one stream may h
 INLINE_OPEN_BYTES = 64 << 10
 INLINE_DECODE_BYTES = 1 << 20
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TailService"].full_name
+# Edges ping every 10 s to find dead links (edgecut.edge.session): allow it, idle streams included,
+# instead of answering GOAWAY "too_many_pings".
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+]
 
 
 @dataclass(frozen=True)
@@ -265,7 +271,9 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             guard = c.guards.for_device(grant.device_id if grant is not None else None)
             payload, response_key = await self._open_seal(binding, sealed, guard)
             try:
-                return await self._compute(entry.bundle, cut, head, binding, payload, response_key, t0)
+                return await self._compute(
+                    entry.bundle, cut, head, binding, payload, response_key, t0, entry.extra
+                )
             except EdgecutError as exc:  # the seal opened: answer with an authenticated error
                 seal = (response_key, binding)
                 return self._failed(head.request_id, head.model, exc, sent_at_ms=head.sent_at_ms, seal=seal)
@@ -279,6 +287,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
         payload: bytes,
         response_key: bytes,
         t0: float,
+        stats: dict[str, Any],
     ) -> pb.Answer:
         c = self.ctx
         header = codec.header_of(payload, max_bytes=c.config.max_decoded_bytes)
@@ -291,6 +300,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             del feeds
         finally:
             c.limits.decoded.release(header.decoded_bytes)
+        _note_decode(stats, cut.id, (t1 - t0) * 1e3)
         t2 = time.perf_counter()
         encoded = codec.encode(result.outputs, bundle.manifest.outputs, ANSWER_CODEC)
         answer = pb.Answer(
@@ -388,11 +398,21 @@ def _done(
     in_flight.release(identity)
 
 
+def _note_decode(extra: dict[str, Any], cut: str, decode_ms: float) -> None:
+    """Running average of open + decode per cut, for ServerInfo: the edge's cost model reads it."""
+    seen: dict[str, float] = extra.setdefault("decode_ms", {})
+    seen[cut] = decode_ms if cut not in seen else seen[cut] + 0.2 * (decode_ms - seen[cut])
+
+
 def _model_info(entry: Entry) -> pb.ModelInfo:
     manifest, timings = entry.bundle.manifest, entry.extra.get("timings", {})
+    decode = entry.extra.get("decode_ms", {})
     cuts = [
         pb.CutInfo(
-            id=cut.id, depth=cut.depth, tail=[_profile(s.file, timings) for s in manifest.tail(cut.id)]
+            id=cut.id,
+            depth=cut.depth,
+            tail=[_profile(s.file, timings) for s in manifest.tail(cut.id)],
+            decode_ms=decode.get(cut.id, 0.0),
         )
         for cut in manifest.cuts
     ]
@@ -491,7 +511,7 @@ async def create_server(
     # SO_REUSEPORT off: with it, a second server on a busy port "listens" and the kernel splits
     # connections between the two (with different keys, half the edges fail).
     server = grpc.aio.server(
-        options=[*grpc_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
+        options=[*grpc_options(config.max_message_bytes), *KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     edgecut_pb2_grpc.add_TailServiceServicer_to_server(TailServicer(ctx), server)

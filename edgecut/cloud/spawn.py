@@ -25,6 +25,13 @@ READY_TIMEOUT_S = 120.0  # the service loads and warms up every bundle before `l
 @contextlib.contextmanager
 def tail_service(bundles: Path, key: Path, *extra: str) -> Iterator[str]:
     """Run `edgecut cloud serve` as a subprocess; yield its HOST:PORT once it says `listening`."""
+    with tail_process(bundles, key, *extra) as (_, address):
+        yield address
+
+
+@contextlib.contextmanager
+def tail_process(bundles: Path, key: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`tail_service`, also yielding the process (to kill one replica of several, say)."""
     cmd = [
         sys.executable,
         "-m",
@@ -45,7 +52,7 @@ def tail_service(bundles: Path, key: Path, *extra: str) -> Iterator[str]:
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        yield _wait_listening(proc)
+        yield proc, _wait_listening(proc)
     finally:
         stop_process(proc)
 

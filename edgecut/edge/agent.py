@@ -3,9 +3,13 @@
 For each input: preprocess as the bundle says, run the head (segments 1..k), encode the frontier,
 seal and queue it on the tail session, then go on to the next input while that frame is on the
 wire; at most `in_flight` inputs are outstanding. Results are emitted in input order. A request
-the cloud cannot answer (down, too slow, overloaded) is retried once under a fresh id or computed
-locally (segments k+1..N) per `fallback`; either way it yields exactly one result, marked with where
-it was computed. Bad inputs yield one error result each and the loop keeps going.
+whose stream broke (a replica died or failed it) is resent under a fresh id, to another replica
+when there is one, up to `cloud_attempts` sends in all; a request the cloud cannot answer (down,
+too slow, overloaded) is then retried once or computed locally (segments k+1..N) per `fallback`;
+either way it yields exactly one result, marked with where it was computed. A run that keeps
+falling back says so: a warning after every `FALLBACK_WARN_AFTER` local answers in a row (and
+`edgecut edge run` in its summary line). A cut the server refuses outright leaves the auto plan.
+Bad inputs yield one error result each and the loop keeps going.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from edgecut.bundle import Bundle
 from edgecut.edge.cutchoice import CutChoice
 from edgecut.edge.runner import Runner
 from edgecut.edge.session import Reply, TailSession, Ticket, is_retryable
-from edgecut.errors import EdgecutError, UsageError
+from edgecut.errors import EdgecutError, RemoteError, UnavailableError, UsageError
 from edgecut.images import load_image, prepare
 
 log = logging.getLogger(__name__)
 
 FALLBACKS = ("local", "fail")
+REFUSALS = ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND")  # the cut itself, not load
+FALLBACK_WARN_AFTER = 5  # local answers in a row before the run warns that the cloud is not used
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class AgentOptions:
 
     in_flight: int = 4  # most inputs outstanding at once
     fallback: str = "local"  # "local": compute the tail here; "fail": retry once, then fail
+    cloud_attempts: int = 3  # sends per input while streams break (replicas dying) before falling back
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
@@ -115,6 +122,8 @@ class Agent:
         self.choice, self.options = choice, options or AgentOptions()
         self.labels = bundle.labels()
         self.interrupted = False  # set when Ctrl-C / SIGTERM stopped the source early
+        self.fallbacks_in_a_row = 0  # requests meant for the cloud answered locally, consecutively
+        self.resent = 0  # requests resent after their stream broke
         self.reading = False  # True while the input source runs (see `_read`)
 
     def request_stop(self) -> None:
@@ -191,7 +200,12 @@ class Agent:
     def _run_head(self, work: _Work, feeds: dict[str, np.ndarray]) -> None:
         depth = self.bundle.manifest.cut(work.cut).depth
         work.t0 = time.perf_counter()
-        work.frontier = self.head.run(feeds, 0, depth - 1, self.choice.precision).outputs if depth else feeds
+        if depth:
+            run = self.head.run(feeds, 0, depth - 1, self.choice.precision)
+            work.frontier = run.outputs
+            self.choice.observe_edge(0, run.timings_ms)
+        else:
+            work.frontier = feeds
         work.edge_ms = (time.perf_counter() - work.t0) * 1e3
         if depth == len(self.bundle.manifest.segments):  # "output": edge-only, nothing sent
             work.result = self._done(work, work.frontier, "local", {})
@@ -200,6 +214,7 @@ class Agent:
         work.payload = self.choice.encode(work.cut, work.codec, work.frontier)
         self._submit(work)
         work.encode_ms = (time.perf_counter() - t1) * 1e3
+        self.choice.observe_encode(work.cut, work.codec, work.encode_ms, len(work.payload))
 
     def _submit(self, work: _Work) -> None:
         work.attempts += 1
@@ -229,8 +244,16 @@ class Agent:
             return self._recover(work, exc)
 
     def _recover(self, work: _Work, exc: EdgecutError) -> Result:
+        if isinstance(exc, UnavailableError) and work.attempts < self.options.cloud_attempts:
+            log.info("%s: %s; resending (attempt %d)", work.item.name, exc, work.attempts + 1)
+            self.resent += 1
+            self._submit(work)
+            return self._answer(work)
+        if isinstance(exc, RemoteError) and exc.status in REFUSALS:
+            self.choice.refused(work.cut, work.codec, str(exc))
         if self.options.fallback == "local":
             log.info("%s: cloud failed (%s); computing cut %s locally", work.item.name, exc, work.cut)
+            self._count_fallback(str(exc))
             try:
                 return self._local(work, str(exc))
             except Exception as local:  # the input still gets its one result: a failed one
@@ -242,10 +265,22 @@ class Agent:
             return self._answer(work)
         return self._failed(work, f"cloud: {exc}")
 
+    def _count_fallback(self, why: str) -> None:
+        self.fallbacks_in_a_row += 1
+        if self.fallbacks_in_a_row % FALLBACK_WARN_AFTER == 0:
+            log.warning(
+                "the last %d requests meant for the cloud were all computed locally (last: %s)",
+                self.fallbacks_in_a_row,
+                why,
+            )
+
     def _local(self, work: _Work, why: str) -> Result:
         t0 = time.perf_counter()
         depth = self.bundle.manifest.cut(work.cut).depth
-        outputs = self.tail.run(work.frontier, depth, len(self.bundle.manifest.segments) - 1).outputs
+        run = self.tail.run(work.frontier, depth, len(self.bundle.manifest.segments) - 1)
+        outputs = run.outputs
+        if self.tail is self.head:  # the same runtime: these are this device's timings too
+            self.choice.observe_edge(depth, run.timings_ms)
         local_ms = (time.perf_counter() - t0) * 1e3
         return self._done(work, outputs, "local", {"local_tail_ms": local_ms}, error=why)
 
@@ -257,6 +292,7 @@ class Agent:
         total_ms = answer_ms + (time.perf_counter() - t0) * 1e3
         wire_ms = (reply.received - reply.wire_start) * 1e3 - reply.timings.total_ms
         self.choice.observe(reply, wire_ms)
+        self.fallbacks_in_a_row = 0
         t = reply.timings
         timings = {
             "encode_ms": work.encode_ms,

@@ -24,6 +24,7 @@ from edgecut.edge.runner import RUNTIMES
 from edgecut.edge.startup import EdgeConfig, start_agent
 from edgecut.errors import DependencyError, UsageError
 from edgecut.images import list_images
+from edgecut.planner import parse_accuracy_budget
 from edgecut.runtime import tensorrt_options
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="edge_verb", metavar="COMMAND", required=True)
     p = sub.add_parser("run", help="classify inputs, splitting the model with a tail service")
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory")
-    p.add_argument("--server", help="tail service HOST:PORT (omit with --cut output)")
+    p.add_argument(
+        "--server",
+        help="tail service HOST:PORT, several (replicas: HOST:PORT,HOST:PORT) or a gRPC target "
+        "(ipv4:…, dns:///NAME:PORT); omit with --cut output",
+    )
     p.add_argument("--server-key", type=Path, help="the tail service's service.pub")
     p.add_argument(
         "--source",
@@ -124,6 +129,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--deadline-ms", type=int, default=2000, help="per request (default 2000)")
     p.add_argument("--min-cut", default="0", help="never cut shallower than this cut id or depth")
+    p.add_argument(
+        "--max-accuracy-drop",
+        default="1%",
+        help="auto: top-1 disagreement budget by the bundle's fidelity table (default 1%%; 'off' also "
+        "allows options the table does not cover); a fixed --cut over it gets a warning",
+    )
     p.add_argument("--edge-profile", type=Path, help="auto: edge timings from this profile")
     p.add_argument("--signing-pub", type=Path, help="require a bundle signed with this key")
     p.add_argument(
@@ -159,6 +170,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         fallback=args.fallback,
         deadline_ms=args.deadline_ms,
         min_cut=args.min_cut,
+        max_accuracy_drop=parse_accuracy_budget(args.max_accuracy_drop),
         edge_profile=args.edge_profile,
         signing_pub=args.signing_pub,
         token=args.token,
@@ -191,9 +203,12 @@ def stop_on_signals(agent: Agent) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     counts = dict.fromkeys(("cloud", "local", "failed"), 0)
+    fallbacks = 0  # local answers to requests meant for the cloud
 
     def emit(result: Result) -> None:
+        nonlocal fallbacks
         counts[result.where] += 1
+        fallbacks += result.where == "local" and result.error is not None
         line = json.dumps(result.to_json()) if args.json else format_result(result)
         print(line, flush=True)
 
@@ -201,12 +216,17 @@ def run(args: argparse.Namespace) -> int:
     with start_agent(config) as agent:
         stop_on_signals(agent)
         agent.run(sources, emit)
-    log.info(
-        "%d input(s): %d cloud, %d local, %d failed",
+    # A run that never reached the cloud says so loudly: the local fallback would otherwise hide it.
+    never = fallbacks > 0 and not counts["cloud"]
+    log.log(
+        logging.WARNING if never else logging.INFO,
+        "%d input(s): %d cloud, %d local (%d of them fallbacks), %d failed%s",
         sum(counts.values()),
         counts["cloud"],
         counts["local"],
+        fallbacks,
         counts["failed"],
+        " — every request meant for the cloud was computed locally" if never else "",
     )
     if agent.interrupted:
         return 130

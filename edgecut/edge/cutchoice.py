@@ -1,21 +1,24 @@
 """Which cut and codec the agent uses for the next input: fixed by the user, or planned.
 
-`AutoCut` builds the planner's cost table on the first input with the same cost model as `edgecut
-plan` (`edgecut.costs`): this device's profile (measured now with the profiler, or read from
-`--edge-profile`), the server's own tail profile from ServerInfo, and bytes from the bundle's
-fidelity report or from encoding that first input at every cut. The link starts from a few
-Probes and then follows the real transfers; `Replanner` moves the cut when the prediction moves
-by more than its hysteresis margin and logs every switch with the reason. Both classes also own
-the frontier encoding, so the calibration and image normalisation of a cut are looked up in one
-place.
+`AutoCut` plans with the same cost model as `edgecut plan` (`edgecut.costs`): this device's
+timings (`EdgeTimes`: the profile given, or one pass on the first input, refined from every run),
+the server's own tail profile from ServerInfo (re-read on every (re)connect), and bytes and
+accuracy from the bundle's fidelity table; the accuracy budget (default 1 % top-1 disagreement)
+excludes every option over it, and every option the table does not cover. The link estimate
+follows the real transfers (less the time a request waited behind others in flight) and, when
+nothing is sent, background probes (`LinkProber`), which also reconnect to a service that was
+down. `Replanner` moves the cut when the prediction moves by more than its hysteresis margin and
+logs every switch with the reason. Both classes also own the frontier encoding, so the
+calibration and image normalisation of a cut are looked up in one place.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import math
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -23,19 +26,20 @@ import numpy as np
 
 from edgecut import codec
 from edgecut.bundle import Bundle
-from edgecut.costs import CloudTimes, cut_costs
-from edgecut.edge.profiler import profile_bundle, profile_codecs
+from edgecut.costs import CloudTimes, cut_costs, option_agreement
+from edgecut.edge.edgetimes import EdgeTimes, one_pass_profile
+from edgecut.edge.linkprobe import LinkProber
 from edgecut.edge.runner import Runner
 from edgecut.edge.session import Reply, TailSession
 from edgecut.errors import EdgecutError
-from edgecut.planner import Constraints, LinkEstimator, Replanner
-from edgecut.profile import Profile, load_profile
+from edgecut.link import LinkEstimate
+from edgecut.planner import DEFAULT_MAX_ACCURACY_DROP, Constraints, LinkEstimator, PlanRow, Replanner
+from edgecut.profile import load_profile
 
 log = logging.getLogger(__name__)
 
-PROBE_EVERY_S = 2.0  # while edge-only, how often a Probe refreshes the link estimate
-PROBE_TIMEOUT_MS = 500.0  # per periodic Probe: a dropping link must not stall inputs for long
-BANDWIDTH_PROBE_BYTES = 256 << 10
+REBUILD_EVERY = 8  # edge observations between cost-table rebuilds
+RESTART_FACTOR = 4.0  # a probe this far from the uplink estimate (either way) counts as a move
 
 
 class CutChoice(Protocol):
@@ -47,6 +51,10 @@ class CutChoice(Protocol):
     def current(self) -> tuple[str, str]: ...
     def encode(self, cut: str, codec_name: str, frontier: Mapping[str, np.ndarray]) -> bytes: ...
     def observe(self, reply: Reply, wire_ms: float) -> None: ...
+    def observe_edge(self, first: int, timings_ms: Sequence[float]) -> None: ...
+    def observe_encode(self, cut: str, codec_name: str, encode_ms: float, payload_bytes: int) -> None: ...
+    def refused(self, cut: str, codec_name: str, why: str) -> None: ...
+    def close(self) -> None: ...
 
 
 class Encoder:
@@ -77,12 +85,29 @@ class FixedCut(Encoder):
     mode = "fixed"
     ready = True
 
-    def __init__(self, bundle: Bundle, cut: str, codec_name: str, precision: str = "float") -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        cut: str,
+        codec_name: str,
+        precision: str = "float",
+        max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
+    ) -> None:
         super().__init__(bundle)
         self.precision = precision
         bundle.manifest.cut(cut)  # unknown cut → BundleError listing the cuts
         codec.CodecSpec.parse(codec_name)
         self._choice = (cut, "none" if cut == "output" else codec_name)
+        agree = option_agreement(bundle.manifest, *self._choice)
+        if max_accuracy_drop is not None and (agree is None or 1 - agree > max_accuracy_drop):
+            known = "unknown (no fidelity row)" if agree is None else f"{agree:.1%}"
+            log.warning(
+                "cut %s/%s is over the accuracy budget (agreement %s, budget %.2f%% disagreement); "
+                "using it because it was asked for",
+                *self._choice,
+                known,
+                max_accuracy_drop * 100,
+            )
 
     def calibrate(self, feeds: Mapping[str, np.ndarray]) -> None:
         """Nothing to measure."""
@@ -93,9 +118,21 @@ class FixedCut(Encoder):
     def observe(self, reply: Reply, wire_ms: float) -> None:
         """A fixed cut ignores the link."""
 
+    def observe_edge(self, first: int, timings_ms: Sequence[float]) -> None:
+        """A fixed cut ignores timings."""
+
+    def observe_encode(self, cut: str, codec_name: str, encode_ms: float, payload_bytes: int) -> None:
+        """A fixed cut ignores timings."""
+
+    def refused(self, cut: str, codec_name: str, why: str) -> None:
+        """A fixed cut is what the user asked for: the errors say why it fails."""
+
+    def close(self) -> None:
+        """Nothing runs in the background."""
+
 
 class AutoCut(Encoder):
-    """`--cut auto`: plan over every (cut, codec) from measurements, re-plan as the link moves."""
+    """`--cut auto`: plan over every (cut, codec) from measurements, re-plan as things move."""
 
     mode = "auto"
 
@@ -109,26 +146,38 @@ class AutoCut(Encoder):
         min_depth: int = 0,
         edge_profile: Path | None = None,
         precisions: tuple[str, ...] = ("float",),
+        max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
     ) -> None:
         super().__init__(bundle)
         self.precisions, self.precision = precisions, precisions[0]
         self.bundle, self.runner, self.session = bundle, runner, session
-        self.codec_name = codec_name
-        self.constraints = Constraints(min_depth=min_depth)
+        self.codecs = [c.strip() for c in codec_name.split(",") if c.strip()]
+        self.constraints = Constraints(min_depth=min_depth, max_accuracy_drop=max_accuracy_drop)
         self.edge_profile = edge_profile
         self.link = LinkEstimator()
         self.replanner: Replanner | None = None
         self.ready = False
-        self._last_probe = 0.0
+        self.edge: EdgeTimes | None = None
+        self._lock = threading.RLock()  # the prober thread and the input path share the plan
+        self._generation = -1  # session generation the cost table was built for
+        self._built_at = 0  # edge observations when the cost table was built
+        self._last_transfer = 0.0  # perf_counter of the last real transfer observed
+        self._prober: LinkProber | None = None
+        self._refused: set[tuple[str, str]] = set()  # options the server refused outright
+        self._moved = 0  # probe rounds in a row that found the uplink far from its estimate
 
     def calibrate(self, feeds: Mapping[str, np.ndarray]) -> None:
-        """Plan from this device's profile (measured now on `feeds`, or `--edge-profile`), the
-        server's own tail profile and the probed link — the same cost model as `edgecut plan`."""
-        cloud = self.session.info.times if self.session and self.session.info else CloudTimes({})
-        self._probe_link()
-        costs = cut_costs(self.bundle, self._edge(feeds), cloud, [self.codec_name], self.precisions)
-        self.replanner = Replanner(costs, self.constraints)
-        row, _ = self.replanner.update(self.link.estimate())
+        """First plan: the profile given (or one pass on `feeds`), the server's tail profile if
+        connected, the prior link; then the background prober refines the link."""
+        if self.edge_profile is not None:
+            base = load_profile(self.edge_profile)
+            log.info("edge timings from profile %s (%s, %s)", self.edge_profile, base.device, base.mode)
+        else:
+            base = one_pass_profile(self.bundle, self.runner, feeds)
+        self.edge = EdgeTimes(self.bundle, base, learn=self.edge_profile is None)
+        with self._lock:
+            self._rebuild()
+        row = self._row()
         log.info(
             "cut chosen by the planner (auto): %s/%s, %.1f ms predicted",
             row.cost.cut,
@@ -136,55 +185,121 @@ class AutoCut(Encoder):
             row.predicted_ms,
         )
         self.ready = True
+        if self.session is not None:
+            self._prober = LinkProber(self.session, self)
+            self._prober.start()
 
-    def _edge(self, feeds: Mapping[str, np.ndarray]) -> Profile:
-        """This device's timings; codec costs are always measured on the real first input, and
-        kept from a loaded profile only where it has its own figure for that (cut, codec)."""
-        codecs = (self.codec_name, "jpeg90")
-        if self.edge_profile is None:
-            return profile_bundle(
-                self.bundle,
-                self.runner,
-                runtime=self.runner.name,
-                threads=0,
-                codecs=codecs,
-                runs=3,
-                feeds=feeds,
-            )
-        loaded = load_profile(self.edge_profile)
-        log.info("edge timings from profile %s (%s, %s)", self.edge_profile, loaded.device, loaded.mode)
-        have = {(c.cut, c.codec) for c in loaded.codecs}
-        measured = profile_codecs(self.bundle, self.runner, feeds, codecs, runs=3)
-        extra = tuple(c for c in measured if (c.cut, c.codec) not in have)
-        return dataclasses.replace(loaded, codecs=loaded.codecs + extra)
+    def _rebuild(self) -> None:
+        """A new cost table from the current edge figures and the server's last ServerInfo."""
+        assert self.edge is not None
+        info = self.session.info if self.session else None
+        self._generation = self.session.generation if self.session else 0
+        self._built_at = self.edge.observations
+        cloud = info.times if info else CloudTimes({})
+        suite = self.session.config.server_key.suite if self.session else "x25519"
+        costs = cut_costs(self.bundle, self.edge.profile(), cloud, self.codecs, self.precisions, suite)
+        costs = [c for c in costs if (c.cut, c.codec) not in self._refused]
+        if info is not None:
+            self.link.observe_queue(info.queue_delay_ms)
+        if self.replanner is None:
+            self.replanner = Replanner(costs, self.constraints)
+        else:
+            self.replanner.update_costs(costs)
+        self.replanner.update(self.link.estimate())
 
-    def current(self) -> tuple[str, str]:
+    def refresh(self) -> None:
+        """Rebuild the costs after a (re)connect (new ServerInfo) or enough new edge timings."""
+        with self._lock:
+            if self.edge is None:
+                return
+            stale = self.edge.observations - self._built_at >= REBUILD_EVERY
+            if stale or (self.session is not None and self.session.generation != self._generation):
+                self._rebuild()
+
+    def _row(self) -> PlanRow:
         if self.replanner is None or self.replanner.current is None:
             raise EdgecutError("auto cut used before calibration")
-        row = self.replanner.current
-        if row.cost.edge_only and time.perf_counter() - self._last_probe > PROBE_EVERY_S:
-            self._probe_link(PROBE_TIMEOUT_MS)
-            row, _ = self.replanner.update(self.link.estimate())
+        return self.replanner.current
+
+    def current(self) -> tuple[str, str]:
+        self.refresh()
+        with self._lock:
+            row = self._row()
+        if not row.cost.edge_only and self.session is not None and not self.session.connected:
+            self.precision = "float"  # every bundle has the float segments
+            return self.bundle.manifest.cuts[-1].id, "none"  # nothing to send to: run it all here
         self.precision = row.cost.precision
         return row.cost.cut, row.cost.codec
 
     def observe(self, reply: Reply, wire_ms: float) -> None:
-        self.link.observe_transfer(reply.bytes_up, reply.bytes_down, wire_ms)
-        self.link.observe_queue(reply.queue_delay_ms)
-        if self.replanner is not None:
-            self.replanner.update(self.link.estimate())
+        """A real transfer; the time it waited behind requests ahead of it is not the link's."""
+        with self._lock:
+            rtt_s = self.link.estimate().rtt_ms / 1e3
+            start = reply.wire_start
+            if reply.ahead_done is not None:
+                start = max(start, reply.ahead_done - rtt_s)
+            link_ms = (reply.received - start) * 1e3 - reply.timings.total_ms
+            self.link.observe_transfer(reply.bytes_up, reply.bytes_down, link_ms)
+            self.link.observe_queue(reply.queue_delay_ms)
+            self._last_transfer = time.perf_counter()
+            if self.replanner is not None:
+                self.replanner.update(self.link.estimate())
 
-    def _probe_link(self, timeout_ms: float | None = None) -> None:
-        """Refresh the link estimate; the first failed Probe ends the round (`timeout_ms` each)."""
-        if self.session is None:
-            return
-        probe, size = self.session.probe, BANDWIDTH_PROBE_BYTES
-        try:
-            self.link.observe_rtt(min(probe(timeout_ms=timeout_ms) for _ in range(3)))
-            self.link.observe_transfer(size, 0, probe(size, timeout_ms=timeout_ms))
-            self.link.observe_transfer(0, size, probe(reply_bytes=size, timeout_ms=timeout_ms))
-        except EdgecutError as exc:
-            log.info("link probe failed (%s); planning with the current estimate", exc)
-        finally:
-            # After, not before: a slow round must not make the next input probe again at once.
-            self._last_probe = time.perf_counter()
+    def refused(self, cut: str, codec_name: str, why: str) -> None:
+        """The server refused (cut, codec) as such (not for load or the network): never plan it
+        again in this run, rather than hide it behind the local fallback on every request."""
+        with self._lock:
+            if (cut, codec_name) in self._refused:
+                return
+            log.warning("the server refuses %s/%s (%s); planning without it", cut, codec_name, why)
+            self._refused.add((cut, codec_name))
+            if self.edge is not None:
+                self._rebuild()
+
+    def observe_edge(self, first: int, timings_ms: Sequence[float]) -> None:
+        if self.edge is not None:
+            self.edge.observe_segments(first, timings_ms)
+
+    def observe_encode(self, cut: str, codec_name: str, encode_ms: float, payload_bytes: int) -> None:
+        if self.edge is not None:
+            self.edge.observe_encode(cut, codec_name, encode_ms, payload_bytes)
+
+    # ProbeSink, for the background prober
+    def link_estimate(self) -> LinkEstimate:
+        with self._lock:
+            return self.link.estimate()
+
+    def seconds_since_transfer(self) -> float:
+        return time.perf_counter() - self._last_transfer
+
+    def probed(self, rtt_ms: float | None, bytes_up: int, wire_ms: float) -> None:
+        """A probe round: `bytes_up` took `wire_ms` there and back, `rtt_ms` for an empty one.
+
+        The upload's transfer time is its round trip less this round's empty one (not the
+        averaged RTT, which may still carry an old link's queueing). A link that moved far
+        (`RESTART_FACTOR`) in two rounds in a row restarts the uplink average: probes are small
+        next to the transfers that built it, and would take a minute to pull it back.
+        """
+        with self._lock:
+            before = self.link.estimate()
+            if rtt_ms is not None:
+                self.link.observe_rtt(rtt_ms)
+                wire_ms += self.link.estimate().rtt_ms - rtt_ms  # the estimator subtracts its RTT
+            transfer_ms = wire_ms - self.link.estimate().rtt_ms
+            rate_bps = bytes_up * 8 / transfer_ms * 1e3 if transfer_ms > 0 else math.inf
+            moved = max(rate_bps / before.up_bps, before.up_bps / rate_bps) > RESTART_FACTOR
+            self._moved = self._moved + 1 if moved else 0
+            if self._moved >= 2:
+                log.info(
+                    "link probes: uplink far from %.2f Mbit/s twice; restarting its estimate",
+                    before.up_bps / 1e6,
+                )
+                self.link.restart_uplink()
+                self._moved = 0
+            self.link.observe_transfer(bytes_up, 0, wire_ms)
+            if self.replanner is not None:
+                self.replanner.update(self.link.estimate())
+
+    def close(self) -> None:
+        if self._prober is not None:
+            self._prober.close()

@@ -20,7 +20,7 @@ from edgecut.bundle import Bundle, TensorSpec
 from edgecut.codec import Calibration, CodecSpec, decode, encode
 from edgecut.costs import segment_name
 from edgecut.edge.runner import Runner
-from edgecut.images import prepare
+from edgecut.images import synthetic_feeds
 from edgecut.keys import ServicePrivateKey, ServicePublicKey
 from edgecut.profile import CodecTiming, Profile, SegmentTiming
 from edgecut.sealing import Binding, open_request, seal_request
@@ -28,14 +28,7 @@ from edgecut.sealing import Binding, open_request, seal_request
 
 def synthetic_input(bundle: Bundle, seed: int = 0) -> dict[str, np.ndarray]:
     """A smooth random image for image bundles (close to photo statistics), noise otherwise."""
-    m = bundle.manifest
-    rng = np.random.default_rng(seed)
-    if m.preprocess.kind == "image":
-        h, w = m.preprocess.size
-        small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3)).astype(np.float32)
-        img = np.kron(small, np.ones((16, 16, 1)))[:h, :w].astype(np.uint8)
-        return {m.inputs[0].name: prepare(img, m.preprocess)}
-    return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in m.inputs}
+    return synthetic_feeds(bundle.manifest, seed)
 
 
 def profile_segments(

@@ -22,6 +22,7 @@ from edgecut.edge.runner import OrtRunner, make_runner
 from edgecut.edge.session import SessionConfig, TailSession
 from edgecut.errors import UnavailableError, UsageError
 from edgecut.keys import load_device_private, load_service_public, load_signing_public
+from edgecut.planner import DEFAULT_MAX_ACCURACY_DROP
 from edgecut.protect import ModelFiles
 from edgecut.runtime import OrtOptions
 from edgecut.variants import FLOAT, check_precision, head_variants
@@ -34,10 +35,12 @@ class EdgeConfig:
     """Everything `edgecut edge run` needs; flags map one to one."""
 
     bundle: Path  # bundle directory
-    server: str | None = None  # HOST:PORT of the tail service; None = edge-only (cut "output")
+    server: str | None = None  # HOST:PORT of the tail service, or several (replicas, comma-separated),
+    # or a gRPC target (ipv4:…, dns:///…); None = edge-only (cut "output")
     server_key: Path | None = None  # the tail service's service.pub
     cut: str = "auto"  # cut id, or "auto" for the planner
-    codec: str = "int8"  # codec text, e.g. int8, int4-tensor, fp16, jpeg90 (input cut only)
+    codec: str = "int8"  # codec text, e.g. int8, int4-tensor, fp16, jpeg90 (input cut only); auto: a list
+    max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP  # auto: top-1 disagreement budget; None = off
     runtime: str = "ort"  # head runtime: "ort" or "litert"
     providers: tuple[str, ...] = ("cpu",)  # ORT execution providers, in order of preference
     threads: int = 0  # intra-op threads; 0 = runtime default
@@ -153,12 +156,16 @@ def start_agent(config: EdgeConfig) -> Iterator[Agent]:
             min_depth=min_depth,
             edge_profile=config.edge_profile,
             precisions=_precisions(config.precision, variants),
+            max_accuracy_drop=config.max_accuracy_drop,
         )
         if config.cut == "auto"
-        else FixedCut(bundle, config.cut, config.codec, _fixed_precision(bundle, config))
+        else FixedCut(
+            bundle, config.cut, config.codec, _fixed_precision(bundle, config), config.max_accuracy_drop
+        )
     )
     try:
         yield Agent(bundle, head, tail, session, choice, AgentOptions(config.in_flight, config.fallback))
     finally:
+        choice.close()
         if session is not None:
             session.close()

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from edgecut.bundle import Bundle, Cut, Manifest, Segment, load_bundle, sha256_file, write_manifest
-from edgecut.errors import UsageError
+from edgecut.errors import UsageError, VerificationError
 from edgecut.images import prepare, sample_photos
 from edgecut.partition.batching import batched_if_safe
 from edgecut.partition.cuts import DEFAULT_MAX_CUTS, select_positions
@@ -77,6 +77,7 @@ def partition(
     ]
     samples = samples or sample_inputs(loaded)
     check = verify(loaded.model, segments, samples)
+    verify_cuts(kept, segments, samples[0])
     segments, batchable = batched_if_safe(segments, samples)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -93,6 +94,39 @@ def partition(
         raise
     log.debug("partitioned %s into %d cuts in %.1f s", loaded.name, len(kept), time.perf_counter() - t0)
     return load_bundle(out)
+
+
+def verify_cuts(
+    kept: Sequence[Position], segments: Sequence[onnx.ModelProto], sample: Mapping[str, np.ndarray]
+) -> None:
+    """Each inner cut through the path a request takes: head → encode → decode → tail, on a real
+    sample; the frame must carry one item on axis 0 (what the tail service reads as the batch) and
+    the tail must give the unsplit output. A cut that fails is a partitioning bug: raised, naming
+    the cut, instead of shipping a cut the server refuses on every request."""
+    from edgecut.codec import CodecSpec, decode, encode, header_of
+    from edgecut.runtime import SegmentChain, make_session
+
+    sessions = [make_session(s.SerializeToString()) for s in segments]
+    names = [s.graph.name for s in segments]
+    ids = _cut_ids(len(kept))
+    frontier = dict(sample)
+    reference = SegmentChain(sessions, names).run(frontier)
+    for depth in range(1, len(kept) - 1):
+        frontier = SegmentChain(sessions[depth - 1 : depth], names[depth - 1 : depth]).run(frontier)
+        specs = kept[depth].frontier
+        frame = encode({t.name: frontier[t.name] for t in specs}, specs, CodecSpec("none"))
+        rows = {t.shape[0] for t in header_of(frame).tensors if t.shape}
+        if rows != {1}:
+            raise VerificationError(
+                f"cut {ids[depth]}: a one-item request carries {sorted(rows)} rows on axis 0 "
+                "(the tail service reads axis 0 as the batch)"
+            )
+        tail = SegmentChain(sessions[depth:], names[depth:]).run(decode(frame, specs))
+        for name, want in reference.items():
+            if not np.allclose(
+                tail[name], want, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(want), initial=1))
+            ):
+                raise VerificationError(f"cut {ids[depth]}: encode → decode → tail differs from the model")
 
 
 def _cut_ids(n: int) -> list[str]:

@@ -3,8 +3,14 @@
 A position is *useful* when no earlier position sends fewer bytes: an earlier cut with no more
 bytes does less edge work for the same link cost, so the later one only wins when the tail is
 slower than the edge. Useful positions are the prefix minima of frontier bytes along depth.
-Within a run of adjacent positions crossing the same bytes, the last is kept (after the
-activation, whose bounded range quantizes better than the pre-activation).
+Within a run of adjacent positions crossing the same bytes, the last *batch-first* one is kept
+(after the activation, whose bounded range quantizes better than the pre-activation; but a layout
+op such as a Transpose after a pooling crosses the same bytes with the batch moved off axis 0).
+
+Every kept cut must be servable: the tail service reads axis 0 of every frontier tensor as the
+batch, so a position whose frontier does not carry the model input's batch on axis 0 is never kept
+(a transposed `[5, 5, 1, 256]` frontier would be refused as "5 items"). `build.verify_cuts` then
+checks each kept cut through the real encode → decode → tail path.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ def select_positions(
     """
     if max_cuts < 2:
         raise UsageError(f"--max-cuts must be at least 2 (input and output), got {max_cuts}")
-    first, last, inner = positions[0], positions[-1], list(positions[1:-1])
+    first, last = positions[0], positions[-1]
+    batch = _batch(first)
+    inner = [p for p in positions[1:-1] if batch_first(p, batch)]
     if mode == "all":
         chosen = inner
     elif mode == "useful":
@@ -37,6 +45,17 @@ def select_positions(
         raise UsageError(f"unknown cut selection '{mode}' (use 'useful' or 'all')")
     chosen = [p for p in chosen if 0 < len(p.frontier) <= MAX_FRONTIER_TENSORS]
     return [first, *_thin(chosen, max_cuts - 2), last]
+
+
+def batch_first(position: Position, batch: int | None) -> bool:
+    """Whether every frontier tensor carries the model input's batch on axis 0 (None: unknown
+    batch, nothing is proven, so no inner position is)."""
+    return batch is not None and all(t.shape and t.shape[0] == batch for t in position.frontier)
+
+
+def _batch(first: Position) -> int | None:
+    sizes = {t.shape[0] for t in first.frontier if t.shape}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _prefix_minima(inner: Sequence[Position], input_bytes: int) -> list[Position]:

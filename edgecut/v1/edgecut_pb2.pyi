@@ -93,14 +93,16 @@ class SegmentProfile(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., latency_ms: _Optional[float] = ...) -> None: ...
 
 class CutInfo(_message.Message):
-    __slots__ = ("id", "depth", "tail")
+    __slots__ = ("id", "depth", "tail", "decode_ms")
     ID_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     TAIL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     id: str
     depth: int
     tail: _containers.RepeatedCompositeFieldContainer[SegmentProfile]
-    def __init__(self, id: _Optional[str] = ..., depth: _Optional[int] = ..., tail: _Optional[_Iterable[_Union[SegmentProfile, _Mapping]]] = ...) -> None: ...
+    decode_ms: float
+    def __init__(self, id: _Optional[str] = ..., depth: _Optional[int] = ..., tail: _Optional[_Iterable[_Union[SegmentProfile, _Mapping]]] = ..., decode_ms: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version", "cuts", "manifest_sha256")

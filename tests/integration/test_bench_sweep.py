@@ -78,6 +78,8 @@ def check_outputs(out: Path) -> dict[str, Any]:
     } <= set(header)
     doc: dict[str, Any] = json.loads((out / "results.json").read_text())
     assert doc["run"]["command"].startswith("edgecut bench sweep ")
+    assert doc["run"]["revision"] and not doc["run"]["revision"].startswith("unknown")
+    assert doc["run"]["packages"]["onnxruntime"] != "not installed"
     return doc
 
 
@@ -258,7 +260,9 @@ def test_report_figures_compare_auto_with_other_runs() -> None:
     assert s.regret == pytest.approx(21 / 20)
     assert s.vs_baselines == pytest.approx(21 / 30)
     assert s.speedup_vs_cloud == pytest.approx(40 / 21)
-    # 1 edge + 1 encode + 1 compute + 1000 B at 8 Mbit/s (1 ms) + 10 ms RTT = 14 ms explained
-    assert report.overhead(rows[1]) == pytest.approx(20 / 14)
+    # 1 edge + 1 encode + 1 compute + 10 ms RTT; 1000 B fit the emulator's 4000 B burst (4 ms at
+    # 8 Mbit/s) and cross free; 5000 B leave 1000 B = 1 ms on the link
+    assert report.overhead(rows[1]) == pytest.approx(20 / 13)
+    assert report.overhead(row("c05", "int8", "grid", 20.0, bytes_up=5000)) == pytest.approx(20 / 14)
     totals = report.totals(cells, [s])
     assert totals["regret_within_target"] == 1 and math.isfinite(totals["overhead_median"])

@@ -22,11 +22,12 @@ from edgecut.bundle import load_bundle
 from edgecut.edge import session as session_module
 from edgecut.edge.agent import Agent, Input, Result, image_input
 from edgecut.edge.cli import stop_on_signals
-from edgecut.edge.cutchoice import PROBE_TIMEOUT_MS, AutoCut, FixedCut
+from edgecut.edge.cutchoice import AutoCut, FixedCut
+from edgecut.edge.linkprobe import LinkProber, probe_plan
 from edgecut.edge.runner import OrtRunner
 from edgecut.edge.session import SessionConfig, TailSession
 from edgecut.edge.startup import EdgeConfig, start_agent
-from edgecut.errors import NotFoundError, UnavailableError
+from edgecut.errors import DeadlineError, NotFoundError, UnavailableError
 from edgecut.images import prepare, sample_photos
 from edgecut.keys import KeyPaths, load_service_public
 from edgecut.netem import LinkConfig, ThreadedLinkEmulator
@@ -246,7 +247,7 @@ def test_broken_streams_leave_no_thread_behind(tail_server: Any, session_for: An
             def break_once() -> None:
                 session.connect()
                 link.reset_all()
-                wait_until(lambda: session._stream is None)
+                wait_until(lambda: not session.connected)
 
             break_once()  # warms up gRPC's own threads
             before = threading.active_count()
@@ -264,7 +265,7 @@ def test_reader_crash_fails_requests_fast_and_reconnects(
         raise_on_call(session, "_on_answer", 1, exc=lambda: RuntimeError("bug in a handler"))
         with pytest.raises(UnavailableError, match="answer reader failed"):
             session.wait(session.submit("c06", c06_payload))
-        wait_until(lambda: session._stream is None)
+        wait_until(lambda: not session.connected)
         reply = session.wait(session.submit("c06", c06_payload))
     assert reply.payload
 
@@ -278,8 +279,7 @@ def test_stream_breaking_during_submit_fails_at_once(
         session.connect()
 
         def seal_while_the_stream_dies(*args: Any, **kwargs: Any) -> Any:
-            stream = session._stream
-            assert stream is not None
+            stream = session._streams[0]
             stream._call.cancel()
             stream._reader.join(5)
             return real_build(*args, **kwargs)
@@ -293,17 +293,24 @@ def test_stream_breaking_during_submit_fails_at_once(
 
 
 class _SilentSession:
-    """A session whose link drops everything: each Probe fails (after its timeout, in reality)."""
+    """A connected session whose link drops everything: each Probe times out."""
+
+    info = None
+    generation = 0
+    connected = True
 
     def __init__(self) -> None:
-        self.calls: list[tuple[float | None, float]] = []  # (timeout_ms, perf_counter at call)
+        self.calls: list[tuple[int, float | None]] = []  # (payload bytes, timeout_ms)
+
+    def reconnect(self) -> bool:
+        return True
 
     def probe(self, payload_bytes: int = 0, reply_bytes: int = 0, timeout_ms: float | None = None) -> float:
-        self.calls.append((timeout_ms, time.perf_counter()))
-        raise UnavailableError("probe failed: DEADLINE_EXCEEDED")
+        self.calls.append((payload_bytes, timeout_ms))
+        raise DeadlineError("probe: no answer in time")
 
 
-def test_edge_only_probe_is_short_and_not_repeated_at_once(effl0_bundle: Path) -> None:
+def test_probes_run_off_the_input_path_and_a_silent_link_lowers_the_estimate(effl0_bundle: Path) -> None:
     bundle = load_bundle(effl0_bundle)
     m = bundle.manifest
     choice = AutoCut(
@@ -312,11 +319,11 @@ def test_edge_only_probe_is_short_and_not_repeated_at_once(effl0_bundle: Path) -
     choice.calibrate({m.inputs[0].name: prepare(sample_photos()[0][1], m.preprocess)})
     silent = _SilentSession()
     choice.session = silent  # type: ignore[assignment]
-    choice._last_probe = 0.0  # due now
-    assert choice.current() == ("output", "none")
-    assert len(silent.calls) == 1  # the first failed Probe ends the round
-    timeout_ms, called_at = silent.calls[0]
-    assert timeout_ms is not None and timeout_ms <= PROBE_TIMEOUT_MS
-    assert choice._last_probe >= called_at  # the clock restarts after the probe, not before
-    choice.current()
-    assert len(silent.calls) == 1
+    for _ in range(5):
+        assert choice.current() == ("output", "none")
+    assert silent.calls == []  # the input path never waits for a probe
+    before = choice.link_estimate()
+    _, timeout_ms, _ = probe_plan(before)
+    LinkProber(silent, choice).round()  # type: ignore[arg-type]
+    assert silent.calls == [(0, timeout_ms)]  # the first probe that times out ends the round
+    assert choice.link_estimate().up_bps < before.up_bps  # "slower than that" is news too

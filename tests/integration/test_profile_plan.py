@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from edgecut.bundle import load_bundle
 from edgecut.cli import main
 from edgecut.profile import load_profile
 
@@ -112,3 +113,64 @@ def test_plan_bad_input(
     assert "8mbps" in capsys.readouterr().err
     assert main([*base, "--edge-profile", str(tmp_path / "none.json"), "--bandwidth", "8mbit"]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def _plan_json(
+    capsys: pytest.CaptureFixture[str], bundle: Path, profiles: tuple[Path, Path], *extra: str
+) -> dict:  # type: ignore[type-arg]
+    capsys.readouterr()
+    base = ["plan", str(bundle), "--edge-profile", str(profiles[0]), "--cloud-profile", str(profiles[1])]
+    assert main([*base, "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_keeps_the_default_accuracy_budget(
+    capsys: pytest.CaptureFixture[str], effl0_bundle: Path, profiles: tuple[Path, Path]
+) -> None:
+    """A slow edge, a fast tail, a fast link and no accuracy flag: the choice agrees with the
+    unsplit model on >= 99 % of the fidelity table's held-out views (the JPEG upload does not)."""
+    fidelity = {(r["cut"], r["codec"]): r["agreement"] for r in load_bundle(effl0_bundle).manifest.fidelity}
+    for codecs in ([], ["--codec", "int8,int4,jpeg90"]):
+        result = _plan_json(capsys, effl0_bundle, profiles, "--bandwidth", "1gbit", "--rtt", "1ms", *codecs)
+        chosen = result["chosen"]
+        row = next(r for r in result["rows"] if (r["cut"], r["codec"]) == (chosen["cut"], chosen["codec"]))
+        assert row["agreement"] >= 0.99 and result["max_accuracy_drop"] == 0.01
+        jpeg = next(r for r in result["rows"] if r["cut"] == "input" and r["codec"] == "jpeg90")
+        assert fidelity[("input", "jpeg90")] < 0.99 and not jpeg["allowed"]
+        assert "max_accuracy_drop" in jpeg["reason"]
+
+
+def test_plan_codec_is_honoured_at_the_input_and_unknown_rows_are_excluded(
+    capsys: pytest.CaptureFixture[str], effl0_bundle: Path, profiles: tuple[Path, Path]
+) -> None:
+    result = _plan_json(
+        capsys, effl0_bundle, profiles, "--bandwidth", "1gbit", "--codec", "int8,int8-channel-z9"
+    )
+    rows = {(r["cut"], r["codec"]): r for r in result["rows"]}
+    assert ("input", "int8") in rows and rows[("input", "int8")]["agreement"] is not None
+    unknown = rows[("c03", "int8-channel-z9")]  # no fidelity row for zstd level 9: unknown
+    assert unknown["agreement"] is None and not unknown["allowed"]
+    off = _plan_json(
+        capsys,
+        effl0_bundle,
+        profiles,
+        "--bandwidth",
+        "1gbit",
+        "--codec",
+        "int8-channel-z9",
+        "--max-accuracy-drop",
+        "off",
+    )
+    assert all(r["allowed"] for r in off["rows"]) and off["max_accuracy_drop"] is None
+    capsys.readouterr()
+    base = [
+        "plan",
+        str(effl0_bundle),
+        "--edge-profile",
+        str(profiles[0]),
+        "--cloud-profile",
+        str(profiles[1]),
+    ]
+    assert main([*base, "--bandwidth", "1gbit", "--codec", "int8-channel-z9"]) == 0
+    out = capsys.readouterr().out
+    assert "agree" in out and "without a fidelity row excluded as unknown" in out

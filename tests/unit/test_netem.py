@@ -423,3 +423,27 @@ def test_run_netem_rejects_bad_arguments() -> None:
         run_netem("127.0.0.1:0", "nowhere", None, None)
     with pytest.raises(UsageError):
         run_netem("127.0.0.1:0", "127.0.0.1:1", "8mbps", None)
+
+
+def test_paced_burst_is_one_chunk_of_the_rate_and_at_least_one_mtu() -> None:
+    from edgecut.netem import paced_burst_bytes
+
+    assert paced_burst_bytes(8e6) == 4000  # 4 ms at 8 Mbit/s
+    assert paced_burst_bytes(1e6) == 1500
+    assert paced_burst_bytes(None) == LinkConfig().burst_bytes  # unlimited: nothing is paced
+
+
+def test_netem_cli_refuses_an_empty_burst(capsys: pytest.CaptureFixture[str]) -> None:
+    from edgecut.cli import main
+
+    assert main(["netem", "--to", "127.0.0.1:9", "--bandwidth", "8mbit", "--burst", "0"]) == 2
+    assert "error: --burst 0" in capsys.readouterr().err
+
+
+def test_overhead_does_not_count_the_burst_credit_as_link_time() -> None:
+    from edgecut.apps.sweep.report import framework_overhead
+
+    ideal = 10.0 + 1.0 + 5.0 + 20.0  # edge, encode, tail compute, RTT; 8 KB within the burst
+    assert framework_overhead(ideal, 10.0, 1.0, 5.0, 8000, 0, 8e6, 20.0, burst_bytes=16384) == 1.0
+    # without the credit the same request would look faster than the link allows
+    assert framework_overhead(ideal, 10.0, 1.0, 5.0, 8000, 0, 8e6, 20.0) < 1.0

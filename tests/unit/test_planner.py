@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgecut.errors import UsageError
 from edgecut.planner import (
     STAGES,
     Constraints,
@@ -18,6 +19,7 @@ from edgecut.planner import (
     LinkEstimator,
     PlanError,
     Replanner,
+    parse_accuracy_budget,
     plan,
     predict_ms,
 )
@@ -343,3 +345,26 @@ def test_link_estimator_ignores_impossible_samples():
     est.observe_rtt(-1)
     est.observe_queue(float("nan"))
     assert est.estimate() == before
+
+
+def test_unknown_accuracy_is_excluded_under_a_budget_and_allowed_without_one():
+    table = [
+        CutCost(**{**vars(c), "accuracy_drop": None if c.depth == 1 else 0.0}) for c in realistic_table()
+    ]
+    budget = plan(table, link(10), Constraints(max_accuracy_drop=0.01))
+    unknown = next(r for r in budget.rows if r.cost.depth == 1)
+    assert not unknown.allowed and "accuracy unknown" in unknown.reason
+    assert all(r.allowed for r in plan(table, link(10)).rows)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("1%", 0.01), ("0.005", 0.005), ("off", None), ("None", None), ("0%", 0.0)]
+)
+def test_parse_accuracy_budget(text: str, value: float | None) -> None:
+    assert parse_accuracy_budget(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "150%", "-1%"])
+def test_parse_accuracy_budget_refuses_nonsense(text: str) -> None:
+    with pytest.raises(UsageError, match="--max-accuracy-drop"):
+        parse_accuracy_budget(text)

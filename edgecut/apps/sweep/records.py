@@ -99,6 +99,8 @@ class RunInfo:
     """How the sweep was run: enough to reproduce it and to judge its figures."""
 
     command: str  # the edgecut command line that reproduces this run
+    revision: str  # `git describe --always --dirty` of the code that ran
+    packages: Mapping[str, str]  # versions of the packages the figures depend on
     started_at: str  # ISO 8601
     wall_s: float  # whole sweep, s
     machine: str
@@ -138,7 +140,8 @@ def load_json(path: Path) -> tuple[RunInfo, list[Measurement]]:
     """Read back `results.json`, to redraw plots and the summary without measuring again."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-        run = RunInfo(**{**doc["run"], "load_1min": tuple(doc["run"].get("load_1min", ()))})
+        fields_ = {"revision": "not recorded", "packages": {}, **doc["run"]}  # older results
+        run = RunInfo(**{**fields_, "load_1min": tuple(doc["run"].get("load_1min", ()))})
         return run, [_measurement(m) for m in doc["measurements"]]
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None

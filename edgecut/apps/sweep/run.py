@@ -10,14 +10,18 @@ the grid lacks it, so the oracle (best measured grid cell) always had the chance
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
 import os
 import platform
+import random
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 
@@ -32,7 +36,7 @@ from edgecut.edge.runner import OrtRunner, Runner
 from edgecut.edge.session import SessionConfig, TailSession
 from edgecut.images import prepare
 from edgecut.keys import load_service_public
-from edgecut.netem import LinkConfig, ThreadedLinkEmulator, parse_address
+from edgecut.netem import PACED_BURST_S, LinkConfig, ThreadedLinkEmulator, paced_burst_bytes, parse_address
 from edgecut.planner import CutCost, LinkEstimate, Plan, plan
 from edgecut.profile import Profile
 from edgecut.runtime import OrtOptions
@@ -40,8 +44,6 @@ from edgecut.runtime import OrtOptions
 log = logging.getLogger(__name__)
 
 DEADLINE_MS = 120_000  # per request: a 0.5 Mbit/s link takes seconds for a shallow frontier
-CHUNK_S = 0.004  # emulator bucket depth in seconds of the link rate (one paced chunk)
-MIN_BURST_BYTES = 1500  # but never below one MTU
 
 
 @dataclass(frozen=True)
@@ -89,13 +91,15 @@ def run_sweep(
     edge = _edge(bundle, cfg, profile)
     with cloud.endpoint(bundle, cfg.cloud, cfg.server_key, cfg.cloud_threads) as ep:
         info = cloud.tail_info(ep.address, m.model, m.version, cfg.credentials())
-        costs = cut_costs(bundle, profile, info.times, cfg.codecs)
+        costs = cut_costs(bundle, profile, info.times, cfg.codecs, suite=info.key_suite)
         plans = [_plan_link(link, costs, info.queue_delay_ms, base) for link in links]
         start(sum(len(p.cells) for p in plans) * (cfg.warmup + cfg.requests))
         load = [os.getloadavg()[0]]
         rows = _measure_all(plans, edge, ep, cfg, tick, load)
     run = RunInfo(
         command=cfg.command(),
+        revision=code_revision(),
+        packages=package_versions(),
         started_at=started,
         wall_s=round(time.perf_counter() - t0, 1),
         machine=edge.machine,
@@ -120,7 +124,7 @@ def run_sweep(
             "max_queue_delay_ms": 0 if ep.spawned else None,
         },
         link_emulator="edgecut.netem user-space TCP proxy on 127.0.0.1, symmetric token bucket "
-        f"(depth {CHUNK_S * 1e3:g} ms of the rate, >= {MIN_BURST_BYTES} B), "
+        f"(depth {PACED_BURST_S * 1e3:g} ms of the rate, >= 1500 B), "
         "RTT/2 added each way",
         warmup=cfg.warmup,
         requests=cfg.requests,
@@ -202,7 +206,7 @@ def _measure_all(
 
 def _link_config(link: Link) -> LinkConfig:
     """Bucket depth of one paced chunk: bursts stay small, so bytes/bandwidth holds for frames."""
-    burst = max(MIN_BURST_BYTES, int(link.bandwidth_bps / 8 * CHUNK_S))
+    burst = paced_burst_bytes(link.bandwidth_bps)
     return LinkConfig(link.bandwidth_bps, link.bandwidth_bps, link.rtt_ms, burst_bytes=burst)
 
 
@@ -211,16 +215,19 @@ def _measure_link(
 ) -> list[Measurement]:
     """warm-up + timed rounds; each round sends the same photo once through every run.
 
-    Interleaving rounds (and rotating which run goes first) spreads any slow spell of a shared
-    machine over all runs of the link alike, instead of landing on whichever run was measuring
-    then. Each run keeps its own agent, so auto is still measured on its own requests.
+    Interleaving rounds, in an order shuffled afresh every round (seeded by the link, so a rerun
+    repeats it), spreads any slow spell of a shared machine over all runs of the link alike and
+    gives no run a fixed neighbour: a fixed order let one run always follow the same other one,
+    and the pairing showed up as a difference. Each run keeps its own agent, so auto is still
+    measured on its own requests.
     """
     runs = [_CellRun(lp, cell, edge, session, cfg.warmup) for cell in lp.cells]
     n = len(edge.photos)
     for i in range(cfg.warmup + cfg.requests):
         name, image = edge.photos[i % n]
-        k = i % len(runs)
-        for run in runs[k:] + runs[:k]:
+        order = list(runs)
+        random.Random(f"{lp.link.label}/{i}").shuffle(order)
+        for run in order:
             run.agent.run([image_input(i, name, image)], run.emit)
             tick(run.what)
     return [row for run in runs for row in sorted(run.rows, key=lambda r: r.request)]
@@ -236,7 +243,7 @@ class _CellRun:
             edge.head,
             edge.tail,
             session,
-            FixedCut(edge.bundle, cell.cut, cell.codec),
+            FixedCut(edge.bundle, cell.cut, cell.codec, max_accuracy_drop=None),  # the grid measures all
             AgentOptions(in_flight=1, fallback="fail"),
         )
         self.what = f"{lp.link.label} {cell.label}" + (" (auto)" if cell.role == "auto" else "")
@@ -294,6 +301,32 @@ def _row(
         predicted_ms=predicted,
         error=r.error or "",
     )
+
+
+def code_revision() -> str:
+    """`git describe --always --dirty` of the edgecut checkout, or why there is none."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc.__class__.__name__})"
+    return out.stdout.strip() or f"unknown (git: {out.stderr.strip()[:80]})"
+
+
+PACKAGES = ("edgecut", "onnxruntime", "numpy", "grpcio", "protobuf", "zstandard", "cryptography")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages whose speed the figures depend on."""
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 def machine() -> str:
