@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from edgecut.answers import AnswerSpec, answer_bytes, default_for
 from edgecut.bundle import Bundle, Manifest
 from edgecut.planner import CutCost
 from edgecut.profile import CodecTiming, Profile
@@ -39,11 +40,19 @@ def cloud_times_from(profile: Profile) -> CloudTimes:
 
 
 def cut_costs(
-    bundle: Bundle, edge: Profile, cloud: CloudTimes, codecs: Sequence[str] = DEFAULT_CODECS
+    bundle: Bundle,
+    edge: Profile,
+    cloud: CloudTimes,
+    codecs: Sequence[str] = DEFAULT_CODECS,
+    answer: AnswerSpec | None = None,
 ) -> list[CutCost]:
-    """One CutCost per allowed (cut, codec); "output" (edge-only) once, with codec "none"."""
+    """One CutCost per allowed (cut, codec); "output" (edge-only) once, with codec "none".
+
+    Downlink bytes are the sealed answer in the format the edge asks for (`answer`; default:
+    top-5 for classifiers, as the agent asks), not the model's full output.
+    """
     m = bundle.manifest
-    down = sum(t.nbytes for t in m.outputs) + SEAL_OVERHEAD_BYTES
+    down = answer_bytes(m.outputs, answer or default_for(m.outputs))
     costs = []
     for cut in m.cuts:
         edge_ms = sum(edge.segment_ms(segment_name(s.file)) for s in m.head(cut.id))

@@ -27,7 +27,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edgecut import __version__, codec, sealing
+from edgecut import __version__, answers, codec, sealing
 from edgecut.bundle import Bundle, Cut
 from edgecut.cloud.batcher import Batcher
 from edgecut.cloud.config import DeviceGrant, ServeConfig, load_tokens
@@ -43,7 +43,6 @@ from edgecut.v1 import edgecut_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-ANSWER_CODEC = codec.CodecSpec("none", zstd_level=1)  # results are small: exact, lightly packed
 MAX_IN_FLIGHT_PER_STREAM = 256  # requests (and unsent answers) one stream may hold at once
 # Frames up to this size are opened on the event loop (well under a millisecond), and decoded there
 # when they decode to at most INLINE_DECODE_BYTES; the rest (JPEG, shallow cuts, a zero-filled
@@ -115,6 +114,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             device=c.executor.device,
             max_message_bytes=c.config.max_message_bytes,
             server_version=__version__,
+            answer_formats=answers.KINDS,
         )
 
     async def _read(
@@ -193,12 +193,13 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             binding = sealing.Binding(head.model, head.version, head.cut, head.request_id)
             t0 = time.perf_counter()
             guard = c.guards.for_device(grant.device_id if grant is not None else None)
-            feeds, response_key = await self._open(entry.bundle, cut, binding, sealed, guard)
+            feeds, opened = await self._open(entry.bundle, cut, binding, sealed, guard)
             t1 = time.perf_counter()
             result = await c.batcher.submit(entry.bundle, cut.id, feeds, deadline_ms=head.deadline_ms)
             t2 = time.perf_counter()
-            payload = codec.encode(result.outputs, entry.bundle.manifest.outputs, ANSWER_CODEC)
-            sealed_answer = sealing.seal_response(response_key, binding, payload)
+            outputs = entry.bundle.manifest.outputs
+            payload = answers.encode_answer(result.outputs, outputs, opened.answer)
+            sealed_answer = sealing.seal_response(opened.response_key, binding, payload)
         timings = pb.Timings(
             queue_ms=result.queue_ms,
             decode_ms=(t1 - t0) * 1e3,
@@ -210,23 +211,22 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
 
     async def _open(
         self, bundle: Bundle, cut: Cut, binding: sealing.Binding, sealed: bytes, guard: sealing.ReplayGuard
-    ) -> tuple[dict[str, np.ndarray], bytes]:
+    ) -> tuple[dict[str, np.ndarray], sealing.OpenedRequest]:
         """Open the seal (replay-checked) and decode the frontier, validated against the cut.
 
         Work sized by the frame runs on a thread: the seal by its sealed size, the decode by the
         size the header promises (read first, cheaply, and checked against the bundle).
         """
         if len(sealed) > INLINE_OPEN_BYTES:
-            payload, key = await asyncio.to_thread(
-                sealing.open_request, self.ctx.key, binding, sealed, guard=guard
-            )
+            opened = await asyncio.to_thread(sealing.open_sealed, self.ctx.key, binding, sealed, guard=guard)
         else:
-            payload, key = sealing.open_request(self.ctx.key, binding, sealed, guard=guard)
+            opened = sealing.open_sealed(self.ctx.key, binding, sealed, guard=guard)
+        payload = opened.payload
         header = codec.header_of(payload, max_bytes=self.ctx.config.max_decoded_bytes)
         _check_batch(bundle, header)
         if header.decoded_bytes > INLINE_DECODE_BYTES:
-            return await asyncio.to_thread(self._decode, bundle, cut, payload), key
-        return self._decode(bundle, cut, payload), key
+            return await asyncio.to_thread(self._decode, bundle, cut, payload), opened
+        return self._decode(bundle, cut, payload), opened
 
     def _decode(self, bundle: Bundle, cut: Cut, payload: bytes) -> dict[str, np.ndarray]:
         pre = bundle.manifest.preprocess

@@ -131,6 +131,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", type=Path, help="PEM roots: use TLS")
     p.add_argument("--tls-cert", type=Path, help="client certificate for mTLS")
     p.add_argument("--tls-key", type=Path, help="client key for mTLS")
+    p.add_argument(
+        "--answer",
+        default="",
+        metavar="top<k>|full",
+        help="what the tail sends back (default: top5 for classifiers, else full)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per result")
     p.set_defaults(func=run)
 
@@ -155,6 +161,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        answer=args.answer,
     )
 
 

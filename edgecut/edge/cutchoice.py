@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from edgecut import codec
+from edgecut.answers import AnswerSpec
 from edgecut.bundle import Bundle
 from edgecut.costs import CloudTimes, cut_costs
 from edgecut.edge.profiler import profile_bundle, profile_codecs
@@ -106,9 +107,11 @@ class AutoCut(Encoder):
         *,
         min_depth: int = 0,
         edge_profile: Path | None = None,
+        answer: AnswerSpec | None = None,
     ) -> None:
         super().__init__(bundle)
         self.bundle, self.runner, self.session = bundle, runner, session
+        self.answer = answer  # what the agent asks the tail for: its bytes are the downlink cost
         self.codec_name = codec_name
         self.constraints = Constraints(min_depth=min_depth)
         self.edge_profile = edge_profile
@@ -122,7 +125,7 @@ class AutoCut(Encoder):
         server's own tail profile and the probed link — the same cost model as `edgecut plan`."""
         cloud = self.session.info.times if self.session and self.session.info else CloudTimes({})
         self._probe_link()
-        costs = cut_costs(self.bundle, self._edge(feeds), cloud, [self.codec_name])
+        costs = cut_costs(self.bundle, self._edge(feeds), cloud, [self.codec_name], self.answer)
         self.replanner = Replanner(costs, self.constraints)
         row, _ = self.replanner.update(self.link.estimate())
         log.info(

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from edgecut import serverinfo
+from edgecut.answers import FULL, AnswerSpec
 from edgecut.costs import CloudTimes
 from edgecut.errors import (
     DeadlineError,
@@ -79,6 +80,7 @@ class ServerDescription:
     device: str
     queue_delay_ms: float
     times: CloudTimes  # the server's per-segment tail latency (unprofiled segments left out)
+    answer_formats: tuple[str, ...] = ()  # answer kinds the server honours; () = full answers only
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class Reply:
     wire_start: float  # perf_counter when the frames were queued
     received: float  # perf_counter when the answer arrived
     queue_delay_ms: float  # the server's live queue estimate
+    answer: AnswerSpec = FULL  # the format `payload` is in (what was asked, or full from an old server)
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class _Pending:
     bytes_up: int
     wire_start: float
     stream: _Stream
+    answer: AnswerSpec = FULL
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -270,15 +274,23 @@ class TailSession:
                 hint="copy this server's service.pub to the device",
             )
         times = serverinfo.tail_info(reply, model).times
-        return ServerDescription(reply.key_id, reply.device, reply.queue_delay_ms, times)
+        formats = tuple(reply.answer_formats)
+        return ServerDescription(reply.key_id, reply.device, reply.queue_delay_ms, times, formats)
 
-    def submit(self, cut: str, payload: bytes) -> Ticket:
-        """Seal `payload` for `cut` under a fresh request id and queue it; never blocks on the wire."""
+    def submit(self, cut: str, payload: bytes, answer: AnswerSpec | None = None) -> Ticket:
+        """Seal `payload` for `cut` under a fresh request id and queue it; never blocks on the wire.
+
+        `answer` (sealed with the request) asks for a compact answer; a server that does not
+        offer it answers in full, and the Reply says which format came back.
+        """
         stream = self._ensure_stream()
         c = self.config
         rid = uuid.uuid4().hex
         binding = Binding(c.model, c.version, cut, rid)
-        sealed, response_key = seal_request(c.server_key, binding, payload)
+        info = self.info
+        if answer is not None and (info is None or answer.kind not in info.answer_formats):
+            answer = None  # an older server: it reads only version-1 requests
+        sealed, response_key = seal_request(c.server_key, binding, payload, answer=answer)
         now_ms = time.time_ns() // 1_000_000
         head = RequestHead(rid, c.model, c.version, cut, now_ms + c.deadline_ms, now_ms)
         future: Future[Reply] = Future()
@@ -286,7 +298,9 @@ class TailSession:
         with self._lock:
             if self._stream is not stream:  # broke while sealing: `_on_broken` has already run
                 raise UnavailableError(f"stream to {c.target} broke before the request was sent")
-            self._pending[rid] = _Pending(future, binding, response_key, len(sealed), start, stream)
+            self._pending[rid] = _Pending(
+                future, binding, response_key, len(sealed), start, stream, answer or FULL
+            )
         stream.send(split(head, sealed))
         return Ticket(rid, future, start + c.deadline_ms / 1e3)
 
@@ -378,6 +392,7 @@ class TailSession:
                 pending.wire_start,
                 received,
                 answer.server_queue_delay_ms,
+                pending.answer,
             )
         )
 

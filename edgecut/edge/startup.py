@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecut.answers import AnswerSpec
 from edgecut.bundle import Bundle, load_bundle
 from edgecut.edge.agent import Agent, AgentOptions
 from edgecut.edge.cutchoice import AutoCut, CutChoice, FixedCut
@@ -49,6 +50,7 @@ class EdgeConfig:
     tls_ca: Path | None = None  # PEM roots for a TLS channel
     tls_cert: Path | None = None  # client certificate (mTLS)
     tls_key: Path | None = None  # client key (mTLS)
+    answer: str = ""  # what the tail sends back: "top5", "top<k>", "full"; "" = top-5 for classifiers
 
 
 def _read(path: Path | None) -> bytes | None:
@@ -104,18 +106,26 @@ def start_agent(config: EdgeConfig) -> Iterator[Agent]:
     head = tail if config.runtime == "ort" else make_runner(bundle, config.runtime, options)
     # One untimed pass: the first run of a session allocates, and would skew timings and plans.
     tail.run({s.name: np.zeros(s.shape, s.dtype) for s in m.inputs}, 0, len(m.segments) - 1)
+    answer = AnswerSpec.parse(config.answer) if config.answer else None
     session = _session(config, bundle)
     if session is not None:
         _connect(session, config.fallback)
     choice: CutChoice = (
         AutoCut(
-            bundle, head, session, config.codec, min_depth=config.min_cut, edge_profile=config.edge_profile
+            bundle,
+            head,
+            session,
+            config.codec,
+            min_depth=config.min_cut,
+            edge_profile=config.edge_profile,
+            answer=answer,
         )
         if config.cut == "auto"
         else FixedCut(bundle, config.cut, config.codec)
     )
     try:
-        yield Agent(bundle, head, tail, session, choice, AgentOptions(config.in_flight, config.fallback))
+        agent_options = AgentOptions(config.in_flight, config.fallback, answer)
+        yield Agent(bundle, head, tail, session, choice, agent_options)
     finally:
         if session is not None:
             session.close()

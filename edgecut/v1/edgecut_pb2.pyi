@@ -113,7 +113,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., cuts: _Optional[_Iterable[_Union[CutInfo, _Mapping]]] = ..., manifest_sha256: _Optional[str] = ...) -> None: ...
 
 class ServerInfoReply(_message.Message):
-    __slots__ = ("models", "key_id", "key_suite", "queue_delay_ms", "device", "max_message_bytes", "server_version")
+    __slots__ = ("models", "key_id", "key_suite", "queue_delay_ms", "device", "max_message_bytes", "server_version", "answer_formats")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_SUITE_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,7 @@ class ServerInfoReply(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FORMATS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     key_id: str
     key_suite: str
@@ -128,4 +129,5 @@ class ServerInfoReply(_message.Message):
     device: str
     max_message_bytes: int
     server_version: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., key_id: _Optional[str] = ..., key_suite: _Optional[str] = ..., queue_delay_ms: _Optional[float] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    answer_formats: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., key_id: _Optional[str] = ..., key_suite: _Optional[str] = ..., queue_delay_ms: _Optional[float] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., answer_formats: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -277,12 +277,12 @@ def test_stream_breaking_during_submit_fails_at_once(
         session = session_for(server.port)
         session.connect()
 
-        def seal_while_the_stream_dies(*args: Any) -> Any:
+        def seal_while_the_stream_dies(*args: Any, **kwargs: Any) -> Any:
             stream = session._stream
             assert stream is not None
             stream._call.cancel()
             stream._reader.join(5)
-            return real_seal(*args)
+            return real_seal(*args, **kwargs)
 
         monkeypatch.setattr(session_module, "seal_request", seal_while_the_stream_dies)
         with pytest.raises(UnavailableError, match="broke before the request was sent"):
