@@ -52,6 +52,10 @@ class EdgeConfig:
     tls_key: Path | None = None  # client key (mTLS)
     answer: str = ""  # what the tail sends back: "top5", "top<k>", "full"; "" = top-5 for classifiers
 
+    def __post_init__(self) -> None:
+        if self.answer:
+            AnswerSpec.parse(self.answer)  # a bad --answer fails before any input is read
+
 
 def _read(path: Path | None) -> bytes | None:
     if path is None:
