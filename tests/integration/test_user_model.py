@@ -124,6 +124,20 @@ def test_edge_runs_a_photo_directory_locally_and_through_the_cloud(
     assert agree >= 0.85, agree  # int8 on a random-weight net: near-ties may flip
 
 
+def test_sweep_runs_on_a_user_model(
+    bundles: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle, profile = str(bundles / "small"), str(tmp_path / "edge.json")
+    assert main(["profile", bundle, "--out", profile, "--runs", "3", "--threads", "1"]) == 0
+    capsys.readouterr()
+    argv = ["bench", "sweep", bundle, "--edge-profile", profile, "--quick", "--out", str(tmp_path / "s")]
+    assert main([*argv, "--json"]) == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "s" / "results.json").read_text())["measurements"]
+    cells = {(r["role"], r["cut"], r["codec"]) for r in rows}
+    assert ("grid", "input", "jpeg90") in cells and ("grid", "output", "none") in cells
+    assert all(r["where"] != "failed" for r in rows)
+
+
 @pytest.mark.parametrize(
     ("preprocess", "needle"),
     [
