@@ -189,9 +189,6 @@ def test_lite2_builtin_partitions_with_its_own_size_name_and_version(
         main(["edge", "run", "--bundle", str(out), "--cut", "output", "--source", str(photo_dir), "--json"])
         == 0
     )
-    top = {
-        Path(x["input"]).stem: x["top5"][0]["label"]
-        for x in map(json.loads, capsys.readouterr().out.splitlines())
-    }
-    print("lite2 top-1:", top)
-    assert "cat" in top["chelsea"].lower() or "tabby" in top["chelsea"].lower(), top
+    lines = {Path(x["input"]).stem: x for x in map(json.loads, capsys.readouterr().out.splitlines())}
+    print("lite2 top-1:", {k: x["top5"][0]["label"] for k, x in lines.items()})
+    assert lines["chelsea"]["top5"][0]["index"] in range(281, 286), lines["chelsea"]  # ImageNet cats
