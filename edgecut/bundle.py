@@ -50,20 +50,48 @@ class TensorSpec:
         return self.numel * np.dtype(self.dtype).itemsize
 
 
+PRE_KINDS = ("image", "none")
+LAYOUTS = ("NCHW", "NHWC")
+RESIZES = ("crop", "stretch")
+COLORS = ("RGB", "BGR")
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """How a raw image becomes the model input: resize, then `(pixel - mean) / std` per channel."""
+    """How a raw image becomes the model input: resize, then `(pixel - mean) / std` per channel.
 
-    kind: str = "image"  # "image" (RGB photo) or "none" (caller supplies the tensor)
+    `mean` and `std` are in pixel units (0..255) and in the model's channel order, so a framework's
+    `(x / 255 - 0.485) / 0.229` is stored as mean 123.675, std 58.395.
+    """
+
+    kind: str = "image"  # "image" (a photo) or "none" (caller supplies the tensor)
     size: tuple[int, int] = (224, 224)  # (height, width) in pixels after resize
     mean: tuple[float, ...] = (127.0, 127.0, 127.0)  # subtracted per channel, pixel units
     std: tuple[float, ...] = (128.0, 128.0, 128.0)  # divided per channel, pixel units
     layout: str = "NCHW"  # "NCHW" or "NHWC"
+    resize: str = "crop"  # "crop": shorter side to fit, then center crop; "stretch": to size exactly
+    color: str = "RGB"  # channel order the model expects: "RGB" or "BGR"
+    preset: str = ""  # the named preset these values came from, if any (informational)
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("kind", self.kind, PRE_KINDS),
+            ("layout", self.layout, LAYOUTS),
+            ("resize", self.resize, RESIZES),
+            ("color", self.color, COLORS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"preprocess {name} {value!r}: expected one of {', '.join(allowed)}")
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ValueError(f"preprocess size {self.size}: expected (height, width) >= 1")
+        if len(self.mean) != 3 or len(self.std) != 3 or 0 in self.std:
+            raise ValueError("preprocess mean and std need 3 values each, std non-zero")
 
     def apply(self, image_hwc_uint8: np.ndarray) -> np.ndarray:
         """Normalise an already-resized RGB image (H, W, 3 uint8) into a batch-1 float32 tensor."""
         mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
-        x = (image_hwc_uint8.astype(np.float32) - mean) / std
+        pixels = image_hwc_uint8[..., ::-1] if self.color == "BGR" else image_hwc_uint8
+        x = (pixels.astype(np.float32) - mean) / std
         if self.layout == "NCHW":
             x = x.transpose(2, 0, 1)
         return np.ascontiguousarray(x[None])
@@ -180,7 +208,14 @@ def _manifest_from_json(d: Mapping[str, Any]) -> Manifest:
         inputs=tuple(map(_spec, d["inputs"])),
         outputs=tuple(map(_spec, d["outputs"])),
         preprocess=Preprocess(
-            str(pre["kind"]), tuple(pre["size"]), tuple(pre["mean"]), tuple(pre["std"]), str(pre["layout"])
+            str(pre["kind"]),
+            (int(pre["size"][0]), int(pre["size"][1])),
+            tuple(float(v) for v in pre["mean"]),
+            tuple(float(v) for v in pre["std"]),
+            str(pre["layout"]),
+            str(pre.get("resize", "crop")),  # absent in bundles written before these fields
+            str(pre.get("color", "RGB")),
+            str(pre.get("preset", "")),
         ),
         cuts=cuts,
         segments=segments,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from edgecut.answers import AnswerSpec, answer_bytes, default_for
 from edgecut.bundle import Bundle, Manifest
 from edgecut.planner import CutCost
 from edgecut.profile import CodecTiming, Profile
@@ -61,23 +62,32 @@ def cut_costs(
     codecs: Sequence[str] = DEFAULT_CODECS,
     precisions: Sequence[str] = (FLOAT,),
     suite: str = DEFAULT_SUITE,
+    answer: AnswerSpec | None = None,
 ) -> list[CutCost]:
     """One CutCost per allowed (cut, precision, codec); "output" (edge-only) with codec "none".
 
     A precision variant (int8 head) is listed only at cuts where the bundle offers it. `suite` is
-    the service key's HPKE suite: the ML-KEM hybrid adds about 1 KB to every request."""
+    the service key's HPKE suite: the ML-KEM hybrid adds about 1 KB to every request. Downlink
+    bytes are the sealed answer in the format the edge asks for (`answer`; default: top-5 for
+    classifiers, as the agent asks), not the model's full output."""
+    down = answer_bytes(bundle.manifest.outputs, answer or default_for(bundle.manifest.outputs))
     costs = []
     for precision in precisions:
-        costs += _costs_at(bundle, edge, cloud, codecs, precision, seal_overhead_bytes(suite))
+        costs += _costs_at(bundle, edge, cloud, codecs, precision, seal_overhead_bytes(suite), down)
     return costs
 
 
 def _costs_at(
-    bundle: Bundle, edge: Profile, cloud: CloudTimes, codecs: Sequence[str], precision: str, overhead: int
+    bundle: Bundle,
+    edge: Profile,
+    cloud: CloudTimes,
+    codecs: Sequence[str],
+    precision: str,
+    overhead: int,
+    down: int,
 ) -> list[CutCost]:
     m = bundle.manifest
     variant = head_variants(m).get(precision) if precision != FLOAT else None
-    down = sum(t.nbytes for t in m.outputs) + SEAL_OVERHEAD_BYTES
     costs = []
     for cut in m.cuts:
         vrow = variant.at(cut.id) if variant is not None else None

@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from edgecut.answers import AnswerSpec
 from edgecut.errors import CodecError, DeadlineError, EdgecutError, FrameTooLargeError
 from edgecut.keys import ServicePublicKey
 from edgecut.sealing import ANONYMOUS, MAX_FIELD_BYTES, AnswerMeta, Binding, seal_request
@@ -88,17 +89,19 @@ def build_request(
     request_id: str | None = None,
     now_ms: int | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    answer: AnswerSpec | None = None,
 ) -> SealedRequest:
     """Seal `payload` and split it into frames: the one way a request is built.
 
     Pass either a complete `binding` (tests forging one) or model/version/cut (+ identity, an
     absolute `deadline_ms` on the edge clock, 0 = none); sent-at is now and the request id fresh.
+    `answer` asks for an answer format (sealed with the request); None = the full output.
     """
     now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     if binding is None:
         rid = request_id or uuid.uuid4().hex
         binding = Binding(model, version, cut, rid, identity, deadline_ms, now)
-    sealed, response_key = seal_request(public, binding, payload, now_ms=now)
+    sealed, response_key = seal_request(public, binding, payload, now_ms=now, answer=answer)
     head = RequestHead(
         binding.request_id,
         binding.model,

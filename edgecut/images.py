@@ -54,11 +54,21 @@ def resize_crop(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(im.crop((left, top, left + w, top + h)))
 
 
+def resize_stretch(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize to exactly (height, width), aspect ratio not kept (models trained that way)."""
+    im = Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(im)
+
+
 def prepare(image: np.ndarray, pre: Preprocess) -> np.ndarray:
-    """Raw RGB photo → batch-1 model input tensor."""
+    """Raw RGB photo → batch-1 model input tensor, as the bundle's preprocessing says."""
     if pre.kind != "image":
-        raise UsageError("this model takes tensors, not images (its bundle has no image preprocessing)")
-    return pre.apply(resize_crop(image, pre.size))
+        raise UsageError(
+            "this model takes tensors, not images (its bundle has no image preprocessing)",
+            hint="partition it with --preprocess (e.g. --preprocess imagenet) to feed it photos",
+        )
+    fit = resize_crop if pre.resize == "crop" else resize_stretch
+    return pre.apply(fit(image, pre.size))
 
 
 def sample_photos() -> list[tuple[str, np.ndarray]]:

@@ -14,6 +14,10 @@ Request plaintext, big-endian:
     offset 9   32 bytes fresh response key, chosen by the edge for this request only
     offset 41  ...      payload (the encoded frontier tensors)
 
+Format version 2 inserts, at offset 41, 3 bytes saying what answer the edge wants
+(`edgecut.answers.AnswerSpec.to_wire`: u8 kind, u16 k); the payload follows at offset 44. Version 1
+(no answer request) is still read and answered in full, so older edges keep working.
+
 Sealed request = HPKE `enc || ciphertext` exactly as `hpke.Suite.encrypt` returns it.
 Sealed response = 12-byte random nonce || AES-256-GCM(response key, payload,
 aad=`Binding.response_info()` + `AnswerMeta.aad()`). The request and response labels differ, so
@@ -38,10 +42,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from edgecut.answers import FULL, WIRE_BYTES, AnswerSpec
 from edgecut.errors import CodecError, OverloadedError, ReplayError, SealError, UsageError
 from edgecut.keys import ServicePrivateKey, ServicePublicKey, key_id
 
 FORMAT_VERSION = 1
+ANSWER_FORMAT_VERSION = 2  # FORMAT_VERSION plus the sealed answer request
 RESPONSE_KEY_BYTES = 32
 MAX_FIELD_BYTES = 256  # per Binding field, UTF-8; bounds info() and the replay guard's memory
 
@@ -223,13 +229,36 @@ def request_overhead_bytes(suite: str) -> int:
     return _KEMS[suite].enc_length() + _TAG_BYTES + _HEADER.size
 
 
+@dataclass(frozen=True)
+class OpenedRequest:
+    """What a sealed request holds."""
+
+    payload: bytes  # the encoded frontier
+    response_key: bytes  # seals the answer
+    timestamp_ms: int  # the edge's wall clock when sealed
+    answer: AnswerSpec  # what to answer with (full for a version-1 request)
+
+
 def seal_request(
-    public: ServicePublicKey, binding: Binding, payload: bytes, *, now_ms: int | None = None
+    public: ServicePublicKey,
+    binding: Binding,
+    payload: bytes,
+    *,
+    now_ms: int | None = None,
+    answer: AnswerSpec | None = None,
 ) -> tuple[bytes, bytes]:
-    """Seal `payload` to the service key; return (sealed, response key for the answer)."""
+    """Seal `payload` to the service key; return (sealed, response key for the answer).
+
+    With `answer`, the request says which answer format it wants (format version 2); without,
+    it is a version-1 request and the service answers with the full output.
+    """
     response_key = os.urandom(RESPONSE_KEY_BYTES)
     timestamp_ms = _now_ms() if now_ms is None else now_ms
-    plaintext = _HEADER.pack(FORMAT_VERSION, timestamp_ms, response_key) + payload
+    if answer is None:
+        plaintext = _HEADER.pack(FORMAT_VERSION, timestamp_ms, response_key) + payload
+    else:
+        header = _HEADER.pack(ANSWER_FORMAT_VERSION, timestamp_ms, response_key)
+        plaintext = header + answer.to_wire() + payload
     sealed = _SUITES[public.suite].encrypt(plaintext, public.key, info=binding.info())
     return sealed, response_key
 
@@ -242,7 +271,20 @@ def open_request(
     guard: ReplayGuard | None = None,
     now_ms: int | None = None,
 ) -> tuple[bytes, bytes]:
-    """Open a sealed request; return (payload, response key).
+    """Open a sealed request; return (payload, response key). See `open_sealed` for the rest."""
+    opened = open_sealed(private, binding, sealed, guard=guard, now_ms=now_ms)
+    return opened.payload, opened.response_key
+
+
+def open_sealed(
+    private: ServicePrivateKey,
+    binding: Binding,
+    sealed: bytes,
+    *,
+    guard: ReplayGuard | None = None,
+    now_ms: int | None = None,
+) -> OpenedRequest:
+    """Open a sealed request of either format version.
 
     Raises SealError (wrong key, tampered bytes, wrong binding, malformed), and with a `guard`
     ReplayError (seen id or stale/future timestamp) or OverloadedError (guard full). Without a
@@ -263,14 +305,20 @@ def open_request(
             hint=f"this service's key id is {key_id(private.public)}",
         ) from None
     version, timestamp_ms, response_key = _HEADER.unpack_from(plaintext)
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, ANSWER_FORMAT_VERSION):
         raise SealError(
-            f"frame for request {binding.request_id!r} has sealed-format "
-            f"version {version}; this service reads {FORMAT_VERSION}"
+            f"frame for request {binding.request_id!r} has sealed-format version {version}; "
+            f"this service reads {FORMAT_VERSION} and {ANSWER_FORMAT_VERSION}"
         )
+    start, answer = _HEADER.size, FULL
+    if version == ANSWER_FORMAT_VERSION:
+        start += WIRE_BYTES
+        if len(plaintext) < start:
+            raise SealError(f"frame for request {binding.request_id!r} is cut short in its header")
+        answer = AnswerSpec.from_wire(plaintext[_HEADER.size : start])
     if guard is not None:
         guard.check(binding.request_id, timestamp_ms, _now_ms() if now_ms is None else now_ms)
-    return plaintext[_HEADER.size :], response_key
+    return OpenedRequest(plaintext[start:], response_key, timestamp_ms, answer)
 
 
 def seal_response(

@@ -36,7 +36,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edgecut import __version__, codec, framing, sealing
+from edgecut import __version__, answers, codec, framing, sealing
 from edgecut.bundle import Bundle, Cut
 from edgecut.cloud.admission import (
     PROBE_OVERHEAD_BYTES,
@@ -71,7 +71,6 @@ from edgecut.v1 import edgecut_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-ANSWER_CODEC = codec.CodecSpec("none", zstd_level=1)  # results are small: exact, lightly packed
 MAX_IN_FLIGHT_PER_STREAM = 256  # requests (and unsent answers) one stream may hold at once
 # Frames up to this size are opened on the event loop (well under a millisecond), and decoded there
 # when they decode to at most INLINE_DECODE_BYTES; the rest (JPEG, shallow cuts, a zero-filled
@@ -163,6 +162,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             device=c.executor.device,
             max_message_bytes=c.config.max_message_bytes,
             server_version=__version__,
+            answer_formats=answers.KINDS,
         )
 
     async def _read(
@@ -269,11 +269,10 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             binding = head.binding(caller.identity)
             t0 = time.perf_counter()
             guard = c.guards.for_device(grant.device_id if grant is not None else None)
-            payload, response_key = await self._open_seal(binding, sealed, guard)
+            opened = await self._open_seal(binding, sealed, guard)
+            response_key = opened.response_key
             try:
-                return await self._compute(
-                    entry.bundle, cut, head, binding, payload, response_key, t0, entry.extra
-                )
+                return await self._compute(entry.bundle, cut, head, binding, opened, t0, entry.extra)
             except EdgecutError as exc:  # the seal opened: answer with an authenticated error
                 seal = (response_key, binding)
                 return self._failed(head.request_id, head.model, exc, sent_at_ms=head.sent_at_ms, seal=seal)
@@ -284,12 +283,12 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
         cut: Cut,
         head: RequestHead,
         binding: sealing.Binding,
-        payload: bytes,
-        response_key: bytes,
+        opened: sealing.OpenedRequest,
         t0: float,
         stats: dict[str, Any],
     ) -> pb.Answer:
         c = self.ctx
+        payload, response_key = opened.payload, opened.response_key
         header = codec.header_of(payload, max_bytes=c.config.max_decoded_bytes)
         check_rows(bundle, header, c.config.max_rows_per_request)
         c.limits.decoded.acquire(header.decoded_bytes)
@@ -302,7 +301,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             c.limits.decoded.release(header.decoded_bytes)
         _note_decode(stats, cut.id, (t1 - t0) * 1e3)
         t2 = time.perf_counter()
-        encoded = codec.encode(result.outputs, bundle.manifest.outputs, ANSWER_CODEC)
+        encoded = answers.encode_answer(result.outputs, bundle.manifest.outputs, opened.answer)
         answer = pb.Answer(
             request_id=head.request_id,
             code=0,
@@ -321,11 +320,11 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
 
     async def _open_seal(
         self, binding: sealing.Binding, sealed: bytes, guard: sealing.ReplayGuard
-    ) -> tuple[bytes, bytes]:
+    ) -> sealing.OpenedRequest:
         """Open the seal (replay-checked); a large frame is opened on a thread."""
         if len(sealed) > INLINE_OPEN_BYTES:
-            return await asyncio.to_thread(sealing.open_request, self.ctx.key, binding, sealed, guard=guard)
-        return sealing.open_request(self.ctx.key, binding, sealed, guard=guard)
+            return await asyncio.to_thread(sealing.open_sealed, self.ctx.key, binding, sealed, guard=guard)
+        return sealing.open_sealed(self.ctx.key, binding, sealed, guard=guard)
 
     async def _decode_frontier(
         self, bundle: Bundle, cut: Cut, payload: bytes, header: codec.FrameHeader

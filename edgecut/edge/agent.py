@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecut import codec
+from edgecut import answers
+from edgecut.answers import AnswerSpec
 from edgecut.bundle import Bundle
 from edgecut.edge.cutchoice import CutChoice
 from edgecut.edge.runner import Runner
@@ -77,6 +78,7 @@ class AgentOptions:
     in_flight: int = 4  # most inputs outstanding at once
     fallback: str = "local"  # "local": compute the tail here; "fail": retry once, then fail
     cloud_attempts: int = 3  # sends per input while streams break (replicas dying) before falling back
+    answer: AnswerSpec | None = None  # what the tail sends back; None = top-5 for classifiers
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
@@ -120,6 +122,7 @@ class Agent:
     ) -> None:
         self.bundle, self.head, self.tail, self.session = bundle, head, tail, session
         self.choice, self.options = choice, options or AgentOptions()
+        self.answer = self.options.answer or answers.default_for(bundle.manifest.outputs)
         self.labels = bundle.labels()
         self.interrupted = False  # set when Ctrl-C / SIGTERM stopped the source early
         self.fallbacks_in_a_row = 0  # requests meant for the cloud answered locally, consecutively
@@ -208,7 +211,7 @@ class Agent:
             work.frontier = feeds
         work.edge_ms = (time.perf_counter() - work.t0) * 1e3
         if depth == len(self.bundle.manifest.segments):  # "output": edge-only, nothing sent
-            work.result = self._done(work, work.frontier, "local", {})
+            work.result = self._done(work, answers.Answer(full=work.frontier), "local", {})
             return
         t1 = time.perf_counter()
         work.payload = self.choice.encode(work.cut, work.codec, work.frontier)
@@ -223,7 +226,7 @@ class Agent:
             work.error = UsageError("no tail service configured")
             return
         try:
-            work.ticket = self.session.submit(work.cut, work.payload)
+            work.ticket = self.session.submit(work.cut, work.payload, self.answer)
         except EdgecutError as exc:
             work.error = exc
 
@@ -282,11 +285,13 @@ class Agent:
         if self.tail is self.head:  # the same runtime: these are this device's timings too
             self.choice.observe_edge(depth, run.timings_ms)
         local_ms = (time.perf_counter() - t0) * 1e3
-        return self._done(work, outputs, "local", {"local_tail_ms": local_ms}, error=why)
+        answer = answers.Answer(full=outputs)
+        return self._done(work, answer, "local", {"local_tail_ms": local_ms}, error=why)
 
     def _from_cloud(self, work: _Work, reply: Reply) -> Result:
         t0 = time.perf_counter()
-        outputs = codec.decode(reply.payload, self.bundle.manifest.outputs)  # CodecError if bad
+        # CodecError if bad, or not in the format that was asked for
+        answer = answers.decode_answer(reply.payload, self.bundle.manifest.outputs, reply.answer)
         answer_ms = (reply.received - work.t0) * 1e3
         # Not "now - t0": in-order emission may have kept this answer waiting behind another.
         total_ms = answer_ms + (time.perf_counter() - t0) * 1e3
@@ -304,20 +309,20 @@ class Agent:
             "server_ms": t.total_ms,
             "answer_ms": answer_ms,
         }
-        result = self._done(work, outputs, "cloud", timings, total_ms=total_ms)
+        result = self._done(work, answer, "cloud", timings, total_ms=total_ms)
         return replace(result, bytes_up=reply.bytes_up, bytes_down=reply.bytes_down)
 
     def _done(
         self,
         work: _Work,
-        outputs: Mapping[str, np.ndarray],
+        answer: answers.Answer,
         where: str,
         timings: Mapping[str, float],
         *,
         total_ms: float | None = None,
         error: str | None = None,
     ) -> Result:
-        logits = np.asarray(outputs[self.bundle.manifest.outputs[0].name], np.float32).reshape(-1)
+        ranked = answer.top(self.bundle.manifest.outputs[0].name, 5)
         total = (time.perf_counter() - work.t0) * 1e3 if total_ms is None else total_ms
         return Result(
             work.item.position,
@@ -326,7 +331,7 @@ class Agent:
             work.cut,
             work.codec,
             self.choice.mode,
-            top5(logits, self.labels),
+            top5(ranked, self.labels),
             {"edge_ms": work.edge_ms, **timings, "total_ms": total},
             error=error,
         )
@@ -344,12 +349,11 @@ class Agent:
         )
 
 
-def top5(logits: np.ndarray, labels: list[str] | None) -> tuple[tuple[int, str | None, float], ...]:
-    """The five most likely classes with softmax probabilities (names when the bundle has them)."""
-    z = np.exp(logits - logits.max())
-    probs = z / z.sum()
-    best = np.argsort(-probs)[:5]
-    return tuple((int(i), labels[i] if labels and i < len(labels) else None, float(probs[i])) for i in best)
+def top5(ranked: answers.Ranked, labels: list[str] | None) -> tuple[tuple[int, str | None, float], ...]:
+    """The (up to) five most likely classes of the first item, with softmax probabilities and
+    names when the bundle has them; the same whether the answer came ranked or in full."""
+    pairs = zip(ranked.indices[0][:5].tolist(), ranked.probs()[0][:5].tolist(), strict=True)
+    return tuple((i, labels[i] if labels and i < len(labels) else None, p) for i, p in pairs)
 
 
 def image_input(position: int, name: str, image: np.ndarray) -> Input:

@@ -152,6 +152,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="float",
         help="edge head precision: int8 needs an int8 head in the bundle; auto lets the planner choose",
     )
+    p.add_argument(
+        "--answer",
+        default="",
+        metavar="top<k>|full",
+        help="what the tail sends back (default: top5 for classifiers, else full)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per result")
     p.set_defaults(func=run)
 
@@ -180,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         device_key=args.device_key,
         precision=args.precision,
         provider_options=tensorrt_options(args.trt_cache, args.trt_fp16),
+        answer=args.answer,
     )
 
 

@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from edgecut import codec
+from edgecut.answers import AnswerSpec
 from edgecut.bundle import Bundle
 from edgecut.costs import CloudTimes, cut_costs, option_agreement
 from edgecut.edge.edgetimes import EdgeTimes, one_pass_profile
@@ -147,12 +148,14 @@ class AutoCut(Encoder):
         edge_profile: Path | None = None,
         precisions: tuple[str, ...] = ("float",),
         max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
+        answer: AnswerSpec | None = None,
     ) -> None:
         super().__init__(bundle)
         self.precisions, self.precision = precisions, precisions[0]
         self.bundle, self.runner, self.session = bundle, runner, session
         self.codecs = [c.strip() for c in codec_name.split(",") if c.strip()]
         self.constraints = Constraints(min_depth=min_depth, max_accuracy_drop=max_accuracy_drop)
+        self.answer = answer  # what the agent asks the tail for: its bytes are the downlink cost
         self.edge_profile = edge_profile
         self.link = LinkEstimator()
         self.replanner: Replanner | None = None
@@ -197,7 +200,9 @@ class AutoCut(Encoder):
         self._built_at = self.edge.observations
         cloud = info.times if info else CloudTimes({})
         suite = self.session.config.server_key.suite if self.session else "x25519"
-        costs = cut_costs(self.bundle, self.edge.profile(), cloud, self.codecs, self.precisions, suite)
+        costs = cut_costs(
+            self.bundle, self.edge.profile(), cloud, self.codecs, self.precisions, suite, self.answer
+        )
         costs = [c for c in costs if (c.cut, c.codec) not in self._refused]
         if info is not None:
             self.link.observe_queue(info.queue_delay_ms)

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from edgecut import serverinfo
+from edgecut.answers import FULL, AnswerSpec
 from edgecut.costs import CloudTimes
 from edgecut.edge.targets import channel_target
 from edgecut.errors import (
@@ -98,6 +99,7 @@ class ServerDescription:
     device: str
     queue_delay_ms: float
     times: CloudTimes  # the server's per-segment tail latency (unprofiled segments left out)
+    answer_formats: tuple[str, ...] = ()  # answer kinds the server honours; () = full answers only
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class Reply:
     ahead_done: float | None = None  # perf_counter when the last request queued ahead of this one
     # was answered, less its server time: this one's bytes could not leave before about then
     # (minus one RTT); None when nothing was in flight ahead of it
+    answer: AnswerSpec = FULL  # the format `payload` is in (what was asked, or full from an old server)
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ class _Pending:
     wire_start: float
     stream: _Stream
     ahead: frozenset[str]  # requests in flight when this one was queued
+    answer: AnswerSpec = FULL
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -339,13 +343,21 @@ class TailSession:
                 hint="a client certificate counts only where the server requires one (--client-ca)",
             )
         times = serverinfo.tail_info(reply, model).times
-        return ServerDescription(reply.key_id, reply.device, reply.queue_delay_ms, times)
+        formats = tuple(reply.answer_formats)
+        return ServerDescription(reply.key_id, reply.device, reply.queue_delay_ms, times, formats)
 
-    def submit(self, cut: str, payload: bytes) -> Ticket:
-        """Seal `payload` for `cut` under a fresh request id and queue it; never blocks on the wire."""
+    def submit(self, cut: str, payload: bytes, answer: AnswerSpec | None = None) -> Ticket:
+        """Seal `payload` for `cut` under a fresh request id and queue it; never blocks on the wire.
+
+        `answer` (sealed with the request) asks for a compact answer; a server that does not
+        offer it answers in full, and the Reply says which format came back.
+        """
         stream = self._ensure_stream()
         c = self.config
         rid = uuid.uuid4().hex
+        info = self.info
+        if answer is not None and (info is None or answer.kind not in info.answer_formats):
+            answer = None  # an older server: it reads only version-1 requests
         now_ms = time.time_ns() // 1_000_000
         request = build_request(
             c.server_key,
@@ -357,6 +369,7 @@ class TailSession:
             deadline_ms=now_ms + c.deadline_ms,
             request_id=rid,
             now_ms=now_ms,
+            answer=answer,
         )
         binding, response_key, sealed_bytes = request.binding, request.response_key, request.sealed_bytes
         future: Future[Reply] = Future()
@@ -365,7 +378,9 @@ class TailSession:
             if stream not in self._streams:  # broke while sealing: `_on_broken` has already run
                 raise UnavailableError(f"stream to {c.target} broke before the request was sent")
             ahead = frozenset(self._pending)
-            self._pending[rid] = _Pending(future, binding, response_key, sealed_bytes, start, stream, ahead)
+            self._pending[rid] = _Pending(
+                future, binding, response_key, sealed_bytes, start, stream, ahead, answer or FULL
+            )
         stream.send(request.frames)
         return Ticket(rid, future, start + c.deadline_ms / 1e3)
 
@@ -497,6 +512,7 @@ class TailSession:
                 received,
                 answer.server_queue_delay_ms,
                 max(done) if done else None,
+                pending.answer,
             )
         )
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecut.answers import AnswerSpec
 from edgecut.bundle import Bundle, load_bundle
 from edgecut.edge.agent import Agent, AgentOptions
 from edgecut.edge.cutchoice import AutoCut, CutChoice, FixedCut
@@ -57,6 +58,11 @@ class EdgeConfig:
     device_key: Path | None = None  # device.key: opens a bundle encrypted for this device
     precision: str = FLOAT  # edge head: "float", "int8" (needs an int8 head), or "auto" (planner)
     provider_options: tuple[tuple[str, str, str], ...] = ()  # (provider, option, value), e.g. TensorRT's
+    answer: str = ""  # what the tail sends back: "top5", "top<k>", "full"; "" = top-5 for classifiers
+
+    def __post_init__(self) -> None:
+        if self.answer:
+            AnswerSpec.parse(self.answer)  # a bad --answer fails before any input is read
 
 
 def _read(path: Path | None) -> bytes | None:
@@ -142,6 +148,7 @@ def start_agent(config: EdgeConfig) -> Iterator[Agent]:
     # One untimed pass: the first run of a session allocates, and would skew timings and plans.
     tail.run({s.name: np.zeros(s.shape, s.dtype) for s in m.inputs}, 0, len(m.segments) - 1)
     min_depth = _min_depth(config, bundle)
+    answer = AnswerSpec.parse(config.answer) if config.answer else None
     session = _session(config, bundle)
     if session is not None:
         if config.token and config.tls_ca is None:
@@ -157,6 +164,7 @@ def start_agent(config: EdgeConfig) -> Iterator[Agent]:
             edge_profile=config.edge_profile,
             precisions=_precisions(config.precision, variants),
             max_accuracy_drop=config.max_accuracy_drop,
+            answer=answer,
         )
         if config.cut == "auto"
         else FixedCut(
@@ -164,7 +172,8 @@ def start_agent(config: EdgeConfig) -> Iterator[Agent]:
         )
     )
     try:
-        yield Agent(bundle, head, tail, session, choice, AgentOptions(config.in_flight, config.fallback))
+        agent_options = AgentOptions(config.in_flight, config.fallback, answer=answer)
+        yield Agent(bundle, head, tail, session, choice, agent_options)
     finally:
         choice.close()
         if session is not None:

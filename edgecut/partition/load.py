@@ -8,17 +8,18 @@ import importlib
 import io
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
 
-from edgecut.bundle import Preprocess
+from edgecut.bundle import Preprocess, TensorSpec
 from edgecut.errors import ModelLoadError, UsageError
 from edgecut.partition.builtin import EFFICIENTNET_LITE, TorchModel, load_builtin
 from edgecut.partition.graph import fold_static_shapes
+from edgecut.partition.preprocessing import Declared, resolve
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,26 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def load_model(
-    source: str, *, input_shape: tuple[int, ...] | None = None, name: str | None = None, version: str = "1"
+    source: str,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    name: str | None = None,
+    version: str = "1",
+    preprocess: Declared | None = None,
 ) -> LoadedModel:
+    """Load `source`; `preprocess` (from `--preprocess`) replaces the model's own, checked against
+    its input (a built-in brings its own; an .onnx file or factory has none without it)."""
+    loaded = _load(source, input_shape, name, version)
+    if preprocess is None:
+        return loaded
+    return replace(loaded, preprocess=resolve(preprocess, _only_input(loaded), loaded.name))
+
+
+def _load(source: str, input_shape: tuple[int, ...] | None, name: str | None, version: str) -> LoadedModel:
     if source in EFFICIENTNET_LITE:
-        return _from_torch(load_builtin(source))
+        if input_shape is not None:
+            raise UsageError(f"--input-shape is for .onnx files; built-in '{source}' has a fixed input")
+        return _from_torch(replace(load_builtin(source), name=name or source, version=version))
     if source.endswith(".onnx") or Path(source).is_file():
         model = _read_onnx(Path(source))
         label = name or Path(source).stem
@@ -58,6 +75,17 @@ def load_model(
         f"'{source}' is not an .onnx file, a built-in model ({', '.join(EFFICIENTNET_LITE)}) "
         "or a torch factory 'package.module:function'"
     )
+
+
+def _only_input(loaded: LoadedModel) -> TensorSpec:
+    """The model's one graph input; image preprocessing feeds exactly one."""
+    inputs = list(loaded.model.graph.input)
+    if len(inputs) != 1:
+        raise UsageError(f"--preprocess needs a model with one input; '{loaded.name}' has {len(inputs)}")
+    vi = inputs[0]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name
+    shape = tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+    return TensorSpec(vi.name, shape, dtype)
 
 
 def _read_onnx(path: Path) -> onnx.ModelProto:

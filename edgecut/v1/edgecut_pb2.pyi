@@ -117,7 +117,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., cuts: _Optional[_Iterable[_Union[CutInfo, _Mapping]]] = ..., manifest_sha256: _Optional[str] = ...) -> None: ...
 
 class ServerInfoReply(_message.Message):
-    __slots__ = ("models", "key_id", "key_suite", "queue_delay_ms", "device", "max_message_bytes", "server_version", "identity", "max_rows_per_request")
+    __slots__ = ("models", "key_id", "key_suite", "queue_delay_ms", "device", "max_message_bytes", "server_version", "identity", "max_rows_per_request", "answer_formats")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_SUITE_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class ServerInfoReply(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     MAX_ROWS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FORMATS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     key_id: str
     key_suite: str
@@ -136,4 +137,5 @@ class ServerInfoReply(_message.Message):
     server_version: str
     identity: str
     max_rows_per_request: int
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., key_id: _Optional[str] = ..., key_suite: _Optional[str] = ..., queue_delay_ms: _Optional[float] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., identity: _Optional[str] = ..., max_rows_per_request: _Optional[int] = ...) -> None: ...
+    answer_formats: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., key_id: _Optional[str] = ..., key_suite: _Optional[str] = ..., queue_delay_ms: _Optional[float] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., identity: _Optional[str] = ..., max_rows_per_request: _Optional[int] = ..., answer_formats: _Optional[_Iterable[str]] = ...) -> None: ...

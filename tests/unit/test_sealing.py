@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import hpke
 
 from edgecut import keys, sealing
+from edgecut.answers import FULL, AnswerSpec
 from edgecut.errors import CodecError, OverloadedError, ReplayError, SealError, UsageError
 from edgecut.keys import ServicePrivateKey, ServicePublicKey
 from edgecut.sealing import Binding, ReplayGuard
@@ -147,9 +149,9 @@ def test_truncated_frame_is_refused(pair: KeyPair, sealed: tuple[bytes, bytes], 
 def test_unknown_format_version_is_refused(pair: KeyPair) -> None:
     kem = hpke.KEM.X25519 if pair[1].suite == "x25519" else hpke.KEM.MLKEM768_X25519
     suite = hpke.Suite(kem, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
-    plaintext = bytes([2]) + NOW_MS.to_bytes(8, "big") + bytes(32) + b"future"
+    plaintext = bytes([3]) + NOW_MS.to_bytes(8, "big") + bytes(32) + b"future"
     frame = suite.encrypt(plaintext, pair[1].key, info=BINDING.info())
-    with pytest.raises(SealError, match="sealed-format version 2"):
+    with pytest.raises(SealError, match="sealed-format version 3"):
         sealing.open_request(pair[0], BINDING, frame)
 
 
@@ -336,3 +338,31 @@ def test_answer_metadata_is_authenticated(change: dict[str, object]) -> None:
     assert sealing.open_response(key, BINDING, answer, meta) == b"out"
     with pytest.raises(SealError, match="did not open"):
         sealing.open_response(key, BINDING, answer, replace(meta, **change))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("answer", [AnswerSpec(), AnswerSpec("topk", 12), FULL])
+def test_answer_request_travels_inside_the_seal(pair: KeyPair, answer: AnswerSpec) -> None:
+    private, public = pair
+    frame, key = sealing.seal_request(public, BINDING, PAYLOAD, answer=answer)
+    opened = sealing.open_sealed(private, BINDING, frame, guard=ReplayGuard())
+    assert (opened.payload, opened.response_key, opened.answer) == (PAYLOAD, key, answer)
+    assert sealing.open_request(private, BINDING, frame) == (PAYLOAD, key)
+
+
+def test_request_without_answer_request_is_answered_in_full(
+    pair: KeyPair, sealed: tuple[bytes, bytes]
+) -> None:
+    opened = sealing.open_sealed(pair[0], BINDING, sealed[0])
+    assert opened.answer == FULL and opened.payload == PAYLOAD and opened.timestamp_ms == NOW_MS
+
+
+def test_malformed_answer_request_is_refused(pair: KeyPair) -> None:
+    private, public = pair
+    suite = hpke.Suite(sealing._KEMS[public.suite], hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    header = struct.pack(">BQ32s", sealing.ANSWER_FORMAT_VERSION, NOW_MS, bytes(32))
+    bad_kind = suite.encrypt(header + b"\x09\x00\x05" + PAYLOAD, public.key, info=BINDING.info())
+    with pytest.raises(CodecError, match="answer kind"):
+        sealing.open_sealed(private, BINDING, bad_kind)
+    cut_short = suite.encrypt(header + b"\x01", public.key, info=BINDING.info())
+    with pytest.raises(SealError, match="cut short"):
+        sealing.open_sealed(private, BINDING, cut_short)
