@@ -15,7 +15,7 @@ from edgecut.planner import CutCost
 from edgecut.profile import CodecTiming, Profile
 
 SEAL_OVERHEAD_BYTES = 89 + 64  # HPKE enc + tag + plaintext header, plus Frame fields
-BITS = {"none": 32, "fp16": 16, "int8": 8, "int6": 8, "int4": 4, "jpeg": 1}
+BITS = {"none": 32, "fp16": 16, "int8": 8, "int6": 8, "int4": 4, "pca": 2, "jpeg": 1, "webp": 1, "png": 8}
 DEFAULT_CODECS = ("int8-channel-z3",)
 
 
@@ -82,9 +82,16 @@ def _cloud_ms(cloud: CloudTimes, edge: Profile, segment: str) -> float:
 
 
 def _codecs_for(m: Manifest, cut_id: str, codecs: Sequence[str]) -> list[str]:
+    """At the input of an image model, every image upload the fidelity report measured (JPEG at
+    each quality, WebP, PNG; the honest cloud-only baselines), else JPEG q90; elsewhere the given
+    codecs, pca only where the bundle has a bottleneck for the cut."""
+    from edgecut.codec import CodecSpec
+
     if cut_id == "input" and m.preprocess.kind == "image":
-        return ["jpeg90"]  # the honest cloud-only baseline: what a user would upload anyway
-    return [c for c in codecs if not c.startswith("jpeg")]
+        measured = [str(r["codec"]) for r in m.fidelity if r["cut"] == "input"]
+        return list(dict.fromkeys(["jpeg90", *(c for c in measured if CodecSpec.parse(c).is_image)]))
+    specs = [(c, CodecSpec.parse(c)) for c in codecs]
+    return [c for c, s in specs if not s.is_image and (s.scheme != "pca" or cut_id in m.bottlenecks)]
 
 
 def _fidelity(m: Manifest, cut_id: str, codec: str) -> Mapping[str, object] | None:
@@ -104,14 +111,23 @@ def _bytes_and_drop(m: Manifest, cut_id: str, codec: str, timing: CodecTiming | 
     """Sealed request bytes and accuracy drop: fidelity report (real photos) first, then the
     profile's measurement (one synthetic input, already sealed), then an estimate."""
     row = _fidelity(m, cut_id, codec)
-    drop = max(0.0, 1.0 - float(str(row["agreement"]))) if row is not None else 0.0
+    drop = max(0.0, 1.0 - _agreement(row)) if row is not None else 0.0
     if row is not None:
         return int(float(str(row["bytes"]))) + SEAL_OVERHEAD_BYTES, drop
     if timing is not None:
         return timing.bytes_, drop
-    scheme = codec.split("-")[0].rstrip("0123456789") if codec.startswith("jpeg") else codec.split("-")[0]
+    from edgecut.codec import CodecSpec
+
+    scheme = CodecSpec.parse(codec).scheme
     elems = sum(t.numel for t in m.cut(cut_id).frontier)
     return elems * BITS.get(scheme, 32) // 8 + SEAL_OVERHEAD_BYTES, drop
+
+
+def _agreement(row: Mapping[str, object]) -> float:
+    """The headline agreement (on the views where the unsplit model is confident), else the
+    agreement on all views (reports written before it existed, or with no confident view)."""
+    confident = row.get("agreement_confident")
+    return float(str(confident if confident is not None else row["agreement"]))
 
 
 def _codec_timing(edge: Profile, cut_id: str, codec: str) -> CodecTiming | None:
