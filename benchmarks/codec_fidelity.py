@@ -122,7 +122,8 @@ def report(bundle: Bundle, times: dict[tuple[str, str], dict[str, float]]) -> di
     rows = [
         dict(r) | times[r["cut"], r["codec"]] | {"vs_jpeg": r["bytes"] / jpeg["bytes"]} for r in m.fidelity
     ]
-    early = [c.id for c in m.cuts[: int(TARGET_CUT_FRACTION * len(m.cuts))]]
+    last = len(m.cuts) - 1  # a cut's place in the list: depth / last (input 0, output 1)
+    early = [c.id for c in m.cuts if c.depth <= TARGET_CUT_FRACTION * last]
     return {
         "rows": rows,
         "jpeg_bytes": jpeg["bytes"],
@@ -222,7 +223,8 @@ def print_table(result: dict[str, Any]) -> None:
                 r["decode_ms"],
             )
         )
-    print(f"held-out: {result['views']} views of {result['photos']} photos, {result['confident_views']} confident")
+    counts = (result["views"], result["photos"], result["confident_views"])
+    print("held-out: {} views of {} photos, {} confident".format(*counts))
     for name, target in result["targets"].items():
         print(
             f"{name}: {'MET' if target['met'] else 'NOT MET'} "
@@ -238,7 +240,7 @@ def versions() -> dict[str, str]:
     for name in names:
         try:
             out[name] = version(name)
-        except Exception:  # noqa: BLE001 — a missing package is recorded, not fatal
+        except Exception:  # a missing package is recorded, not fatal
             out[name] = "absent"
     return out
 

@@ -432,7 +432,7 @@ def _read_tensor(reader: _Reader, scheme: str, granularity: str) -> TensorHeader
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(offset))):
         raise CodecError(f"tensor {name!r}: non-finite quantization parameters")
     pca = reader.unpack(_PCA) if _scheme_of(scheme, dtype) == "pca" else None
-    if pca is not None and not (pca[0] in bottleneck.BIT_BUDGETS and 1 <= pca[1] and rank >= 3):
+    if pca is not None and not (pca[0] in bottleneck.BIT_BUDGETS and rank >= 3 and 0 < pca[1] <= shape[1]):
         raise CodecError(f"tensor {name!r}: pca bits {pca[0]}, k {pca[1]}, rank {rank} are not valid")
     (nbytes,) = reader.unpack(_U32)
     return TensorHeader(name, dtype, shape, scale, offset, nbytes, pca)

@@ -72,7 +72,9 @@ def prepare(image: np.ndarray, pre: Preprocess) -> np.ndarray:
     return pre.apply(resize_crop(image, pre.size))
 
 
-def sample_photos(names: tuple[str, ...] = CALIBRATION_PHOTOS + HELDOUT_PHOTOS) -> list[tuple[str, np.ndarray]]:
+def sample_photos(
+    names: tuple[str, ...] = CALIBRATION_PHOTOS + HELDOUT_PHOTOS,
+) -> list[tuple[str, np.ndarray]]:
     """Real photos shipped with scikit-image (and matplotlib's grace_hopper.jpg when matplotlib is
     installed), no download, as (name, RGB uint8) pairs in the order of `names`."""
     try:

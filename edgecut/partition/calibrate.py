@@ -9,7 +9,8 @@ views are random resized crops (`CALIBRATION_AUGMENT`); held-out views keep the 
 From the calibration views: affine ranges (`Calibration.from_samples`, a percentile band per
 channel) and, for the pca codecs, each cut's bottleneck (`edgecut.bottleneck`): the basis, then per
 bit budget the smallest k whose mean KL divergence from the unsplit model on the calibration views
-is within `KL_SLACK` of keeping every component; the bottlenecks go to `codecs/<cut>.npz`, listed and hashed in the manifest.
+is within `KL_SLACK` of keeping every component; the bottlenecks go to `codecs/<cut>.npz`, listed
+and hashed in the manifest.
 On the held-out views each (cut, codec) gets a `FidelityRow` (`edgecut.partition.fidelity`): bytes,
 top-1 agreement on the confident views (the headline), on all views, mean KL, top-5 overlap, and
 the counts they rest on — the accuracy budget the planner reads. Models without image

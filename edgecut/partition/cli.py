@@ -58,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.heldout and not args.calibrate:
         raise UsageError("--heldout needs --calibrate (the photos to fit the codecs on)")
+    for folder in (args.calibrate, args.heldout):
+        if folder and folder != "builtin":
+            from edgecut.images import list_images
+
+            list_images(Path(folder))  # a wrong folder is an error now, not after partitioning
     if args.out.exists() and not args.force:
         raise UsageError(f"output directory '{args.out}' exists (use --force to replace it)")
     if args.tflite and importlib.util.find_spec("litert_torch") is None:

@@ -27,6 +27,7 @@ from edgecut.keys import generate_keys, load_signing_private, load_signing_publi
 from edgecut.partition.calibrate import (
     DEFAULT_CODECS,
     HELDOUT_AUGMENT,
+    INPUT_CODECS,
     augmented_inputs,
     calibrate_bundle,
     photo_sets,
@@ -85,8 +86,15 @@ def test_fixture_bundle_has_calibration_and_fidelity_for_every_cut(effl0_bundle:
     m = load_bundle(effl0_bundle).manifest
     cuts = [c.id for c in m.cuts if c.id != "output"]
     assert sorted(m.calibration) == sorted(cuts)
-    expected = {(c, str(CodecSpec.parse(k))) for c in cuts for k in DEFAULT_CODECS}
-    expected.add(("input", "jpeg90"))
+    pca = {c for c in cuts if c not in ("input", "c12")}  # c12 is a pooled vector: no channels to mix
+    assert set(m.bottlenecks) == pca
+    expected = {
+        (c, str(CodecSpec.parse(k)))
+        for c in cuts
+        for k in DEFAULT_CODECS
+        if not k.startswith("pca") or c in pca
+    }
+    expected |= {("input", str(CodecSpec.parse(k))) for k in INPUT_CODECS}
     assert {(r["cut"], r["codec"]) for r in m.fidelity} == expected
     for row in m.fidelity:
         assert row["bytes"] > 0 and 0 <= row["agreement"] <= 1 and row["max_abs_error"] >= 0
@@ -146,7 +154,7 @@ def test_directory_source_calibrates_and_signs(bundle_copy: Path, photo_dir: Pat
     signed = load_bundle(bundle_copy, public_key=load_signing_public(keys.signing_pub))
     assert signed.signed and signed.manifest == bundle.manifest
     assert bundle.manifest.files == before
-    assert {r["codec"] for r in bundle.manifest.fidelity} == {"int8-tensor-z3", "jpeg90"}
+    assert {r["codec"] for r in bundle.manifest.fidelity} == {"int8-tensor-z3", *INPUT_CODECS}
     assert all(r["samples"] == 2 for r in bundle.manifest.fidelity)
     calibrate_bundle(signed, str(photo_dir), codecs=("fp16",), calib_count=2, heldout_count=1)
     assert not (bundle_copy / "manifest.sig").exists()  # stale, so removed: "not signed"

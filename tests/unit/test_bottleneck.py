@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -107,23 +109,25 @@ def test_pca_refuses_a_missing_or_different_bottleneck() -> None:
 
 def test_pca_frame_with_a_wrong_length_is_refused_before_decoding() -> None:
     specs, x, calibration = frame_setup()
-    payload = encode({"f": x[:1], "ids": np.zeros((1, 2), np.int64)}, specs, CodecSpec.parse("pca4-z0"), calibration)
+    payload = encode(
+        {"f": x[:1], "ids": np.zeros((1, 2), np.int64)}, specs, CodecSpec.parse("pca4-z0"), calibration
+    )
     with pytest.raises(CodecError):
         decode(payload[:-3], specs, calibration=calibration)
 
 
 def test_npz_round_trip_and_refusals() -> None:
-    _, x, calibration = frame_setup()
+    _, _, calibration = frame_setup()
     data = bottleneck.to_npz(calibration.bottlenecks)
-    (name, back), = bottleneck.from_npz(data, "test").items()
+    ((name, back),) = bottleneck.from_npz(data, "test").items()
     original = calibration.bottlenecks["f"]
     assert name == "f" and back.basis_id == original.basis_id and sorted(back.variants) == [2, 4]
     assert np.array_equal(back.variant(4).bits, original.variant(4).bits)
     with pytest.raises(CodecError, match="not a valid bottleneck file"):
         bottleneck.from_npz(b"PK\x03\x04 not really", "codecs/c05.npz")
-    broken = dict(np.load(__import__("io").BytesIO(data)))
+    broken = dict(np.load(io.BytesIO(data)))
     broken["t0.pca4.bits"] = np.full_like(broken["t0.pca4.bits"], 9)
-    buffer = __import__("io").BytesIO()
+    buffer = io.BytesIO()
     np.savez(buffer, **broken)
     with pytest.raises(CodecError, match="bits outside"):
         bottleneck.from_npz(buffer.getvalue(), "codecs/c05.npz")
@@ -131,7 +135,13 @@ def test_npz_round_trip_and_refusals() -> None:
 
 @pytest.mark.parametrize(
     ("text", "canonical"),
-    [("pca4", "pca4-z3"), ("pca-int3", "pca3-z3"), ("pca2-z9", "pca2-z9"), ("webp75", "webp75"), ("png", "png")],
+    [
+        ("pca4", "pca4-z3"),
+        ("pca-int3", "pca3-z3"),
+        ("pca2-z9", "pca2-z9"),
+        ("webp75", "webp75"),
+        ("png", "png"),
+    ],
 )
 def test_new_codec_names_parse(text: str, canonical: str) -> None:
     assert str(CodecSpec.parse(text)) == canonical
