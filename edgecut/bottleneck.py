@@ -172,7 +172,7 @@ def to_npz(bottlenecks: Mapping[str, Bottleneck]) -> bytes:
             arrays[f"t{i}.pca{budget}.bits"], arrays[f"t{i}.pca{budget}.lo"] = v.bits, v.lo
             arrays[f"t{i}.pca{budget}.hi"] = v.hi
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwds
     return buffer.getvalue()
 
 

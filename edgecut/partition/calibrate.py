@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -184,11 +185,15 @@ def fit_bottlenecks(
             return mean_kl(logits, run_chain(chains[depth:], feeds, m.batchable)[m.outputs[0].name])
 
         target = KL_SLACK * kl(1.0)
-        fraction = _smallest(K_FRACTIONS, lambda f, target=target: kl(f) <= target)
+        fraction = _smallest(K_FRACTIONS, partial(_within, kl, target))
         log.debug("pca%d at depth %d: k = %.3g of the channels", budget, depth, fraction)
         for k, v in fitted(fraction).items():
             variants[k][budget] = v
     return {k: dataclasses.replace(b, variants=variants[k]) for k, b in plain.items()}
+
+
+def _within(kl: Callable[[float], float], target: float, fraction: float) -> bool:
+    return kl(fraction) <= target
 
 
 def _smallest(grid: Sequence[float], ok: Callable[[float], bool]) -> float:
