@@ -137,7 +137,8 @@ class Manifest:
     labels_file: str | None = None  # JSON list of class names, one per output index
     verification: Mapping[str, Any] = field(default_factory=dict)
     calibration: Mapping[str, Any] = field(default_factory=dict)  # cut id -> codec calibration
-    fidelity: tuple[Mapping[str, Any], ...] = ()  # rows: cut, codec, bytes, agreement, max error
+    fidelity: tuple[Mapping[str, Any], ...] = ()  # rows: cut, codec, bytes, agreements, views, …
+    bottlenecks: Mapping[str, str] = field(default_factory=dict)  # cut id -> its pca codec's .npz
     batchable: bool = False  # segments accept any batch size on axis 0 (verified at partition time)
     format_version: int = FORMAT_VERSION
     # Optional sections, written only when present (older manifests keep their exact bytes):
@@ -224,6 +225,7 @@ def _manifest_from_json(d: Mapping[str, Any]) -> Manifest:
         verification=dict(d.get("verification", {})),
         calibration=dict(d.get("calibration", {})),
         fidelity=tuple(d.get("fidelity", ())),
+        bottlenecks={str(k): str(v) for k, v in d.get("bottlenecks", {}).items()},
         batchable=bool(d.get("batchable", False)),
         format_version=version,
         encryption=dict(d.get("encryption", {})),
@@ -375,6 +377,7 @@ def _check_references(manifest: Manifest) -> None:
     named = [s.file for s in manifest.segments]
     if manifest.labels_file is not None:
         named.append(manifest.labels_file)
+    named.extend(manifest.bottlenecks.values())
     encrypted = manifest.encryption.get("files", {})
     for name in named:
         # An encrypted device copy names the plaintext file; the ciphertext is what is listed.

@@ -16,7 +16,8 @@ Wire format, version 1 (all integers little-endian, no padding):
     body   = the tensors' encoded bytes, in header order, each exactly `nbytes` long; when flags
              bit 0 is set, one zstd frame (content size recorded) of that concatenation.
 
-    scheme       0 none, 1 fp16, 2 int8, 3 int4, 4 jpeg, 5 int6      granularity  0 tensor, 1 channel
+    scheme       0 none, 1 fp16, 2 int8, 3 int4, 4 jpeg, 5 int6, 6 pca, 7 webp, 8 png
+    granularity  0 tensor, 1 channel
     dtype        0 float32, 1 float16, 2 int64, 3 int32, 4 int8, 5 uint8, 6 bool
     dict_id      id of the zstd dictionary the body was compressed with, 0 for none
 
@@ -25,8 +26,15 @@ element x is sent as code q = round((x - offset) / scale), clipped to 0..L, and 
 offset + scale·q: int8 L = 255, int6 L = 63 (one byte a code), int4 L = 15 (two codes a byte, even
 element in the low nibble, an odd count padded with a zero nibble). int6 exists for zstd: zstd
 codes these bytes at their entropy, so fewer levels means fewer bytes without bit packing.
-P = dim[1] per-channel (granularity channel, rank ≥ 3), else P = 1; P = 0 for none/fp16/jpeg.
-`jpeg` frames carry one image tensor, see `edgecut.jpeg`.
+P = dim[1] per-channel (granularity channel, rank ≥ 3), else P = 1; P = 0 for none/fp16/pca and
+the image schemes. `jpeg`, `webp` and `png` frames carry one image tensor, see `edgecut.imagecodec`.
+
+`pca` (the bottleneck codec, `edgecut.bottleneck`) sends a float tensor (N, C, …) as k < C
+principal-component planes of one uint8 code per value: after `offset` (P = 0) the tensor entry
+carries `u8 bits | u16 k | u32 basis_id`, and nbytes = k · N · H · W (planes in component order,
+then zstd, which codes the few-level bytes near their entropy). The basis, mean and per-component
+ranges are not in the frame: both sides read them from the bundle (`calibration_for`), and
+`basis_id` must match.
 
 The header is validated in full before anything is allocated or decompressed: every length must add
 up to the frame size, and what the frame decodes to must fit in `max_bytes`.
@@ -34,6 +42,7 @@ up to the frame size, and what the frame decodes to must fit in `max_bytes`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 import threading
@@ -44,9 +53,9 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from edgecut import jpeg
-from edgecut.bundle import TensorSpec
-from edgecut.errors import CodecError, FrameTooLargeError, UsageError
+from edgecut import bottleneck, imagecodec
+from edgecut.bundle import Bundle, TensorSpec
+from edgecut.errors import CodecError, FrameTooLargeError, IntegrityError, UsageError
 from edgecut.quantize import (
     LEVELS,
     Calibration,
@@ -60,7 +69,8 @@ from edgecut.quantize import (
 
 MAGIC = b"ECF1"
 VERSION = 1
-SCHEMES = ("none", "fp16", "int8", "int4", "jpeg", "int6")  # wire code = index
+SCHEMES = ("none", "fp16", "int8", "int4", "jpeg", "int6", "pca", "webp", "png")  # code = index
+IMAGE_SCHEMES = ("jpeg", "webp", "png")
 GRANULARITIES = ("tensor", "channel")
 WIRE_DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 DEFAULT_MAX_BYTES = 64 << 20
@@ -71,16 +81,18 @@ _FIXED = struct.Struct("<4sBBBBIH")
 _NAME_LEN = struct.Struct("<B")
 _DTYPE_RANK = struct.Struct("<BB")
 _U32 = struct.Struct("<I")
+_PCA = struct.Struct("<BHI")  # bits, k, basis_id
 
 
 @dataclass(frozen=True)
 class CodecSpec:
-    """How a cut's frontier is encoded. Text form: `int8-channel-z3`, `fp16`, `jpeg90`, …"""
+    """How a cut's frontier is encoded. Text form: `int8-channel-z3`, `fp16`, `pca4`, `jpeg90`, `png`…"""
 
-    scheme: str = "int8"  # "none" | "fp16" | "int8" | "int6" | "int4" | "jpeg"
+    scheme: str = "int8"  # "none" | "fp16" | "int8" | "int6" | "int4" | "pca" | "jpeg" | "webp" | "png"
     granularity: str = "channel"  # "tensor" | "channel": one affine range per tensor or per axis 1
-    zstd_level: int = 3  # 1..22, 0 disables zstd; jpeg frames are never zstd-compressed
-    jpeg_quality: int = 90  # 1..95, scheme "jpeg" only
+    zstd_level: int = 3  # 1..22, 0 disables zstd; image frames are never zstd-compressed
+    jpeg_quality: int = 90  # 1..95, schemes "jpeg" and "webp" only
+    pca_bits: int = 4  # bit budget B of the strongest component, scheme "pca" only (BIT_BUDGETS)
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -91,14 +103,28 @@ class CodecSpec:
             raise UsageError(f"zstd level {self.zstd_level}: expected 0 (off) to 22")
         if not 1 <= self.jpeg_quality <= 95:
             raise UsageError(f"jpeg quality {self.jpeg_quality}: expected 1 to 95")
+        if self.pca_bits not in bottleneck.BIT_BUDGETS:
+            budgets = ", ".join(map(str, bottleneck.BIT_BUDGETS))
+            raise UsageError(f"pca bit budget {self.pca_bits}: expected one of {budgets}")
+
+    @property
+    def is_image(self) -> bool:
+        """An image file of the model input (needs the bundle's image normalisation)."""
+        return self.scheme in IMAGE_SCHEMES
 
     @classmethod
     def parse(cls, text: str) -> CodecSpec:
-        """Read `<scheme>[-tensor|-channel][-z<level>]`, or `jpeg<quality>`."""
+        """Read `<scheme>[-tensor|-channel][-z<level>]`, `pca<bits>[-z<level>]` (also `pca-int4`),
+        `jpeg<quality>`, `webp<quality>` or `png`."""
         head, *rest = text.strip().lower().split("-")
+        if head == "pca" and rest and rest[0][:3] == "int" and rest[0][3:].isdigit():
+            head, rest = f"pca{rest[0][3:]}", rest[1:]
         fields: dict[str, Any] = {"scheme": head}
-        if head.startswith("jpeg") and head[4:].isdigit():
-            fields.update(scheme="jpeg", jpeg_quality=int(head[4:]))
+        for image in ("jpeg", "webp"):
+            if head.startswith(image) and head[4:].isdigit():
+                fields.update(scheme=image, jpeg_quality=int(head[4:]))
+        if head.startswith("pca") and head[3:].isdigit():
+            fields.update(scheme="pca", pca_bits=int(head[3:]))
         try:
             for token in rest:
                 key = "zstd_level" if token[:1] == "z" and token[1:].isdigit() else "granularity"
@@ -110,13 +136,18 @@ class CodecSpec:
             raise UsageError(
                 f"codec {text!r}: {error}",
                 hint="accepted: none, fp16, int8, int6, int4, each with optional -tensor/-channel and "
-                "-z<level> (0 = no zstd), e.g. int8-channel-z3, int4-tensor, fp16-z0; or jpeg90",
+                "-z<level> (0 = no zstd), e.g. int8-channel-z3, int4-tensor, fp16-z0; "
+                "the bottleneck codecs pca2, pca3, pca4, pca6, pca8; or jpeg90, webp80, png",
             ) from None
 
     def __str__(self) -> str:
         """The canonical text form, which `parse` reads back."""
-        if self.scheme == "jpeg":
-            return f"jpeg{self.jpeg_quality}"
+        if self.scheme in ("jpeg", "webp"):
+            return f"{self.scheme}{self.jpeg_quality}"
+        if self.scheme == "png":
+            return "png"
+        if self.scheme == "pca":
+            return f"pca{self.pca_bits}-z{self.zstd_level}"
         granularity = f"-{self.granularity}" if self.scheme in LEVELS else ""
         return f"{self.scheme}{granularity}-z{self.zstd_level}"
 
@@ -131,6 +162,7 @@ class TensorHeader:
     scale: np.ndarray  # float32 (P,), see the module docstring
     offset: np.ndarray  # float32 (P,)
     nbytes: int  # encoded length inside the (uncompressed) body
+    pca: tuple[int, int, int] | None = None  # (bits, k, basis_id), scheme pca float tensors only
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,19 +189,26 @@ def encode(
     calibration: Calibration | None = None,
     *,
     dictionary: zstandard.ZstdCompressionDict | None = None,
-    image_norm: jpeg.ImageNorm | None = None,
+    image_norm: imagecodec.ImageNorm | None = None,
 ) -> bytes:
-    """Encode the frontier `tensors` (exactly those `specs` name) into one frame."""
+    """Encode the frontier `tensors` (exactly those `specs` name) into one frame.
+
+    The pca scheme needs the cut's `calibration` with its fitted bottlenecks; the affine schemes
+    use its ranges when given (else each frame's own min/max)."""
     arrays = _match_specs(tensors, specs)
-    if codec.scheme == "jpeg":
-        return _encode_jpeg(specs, arrays, codec, image_norm)
+    if codec.is_image:
+        return _encode_image(specs, arrays, codec, image_norm)
     heads, parts = [], []
     ranges = calibration.ranges if calibration else {}
     for spec, x in zip(specs, arrays, strict=True):
         scheme = _scheme_of(codec.scheme, spec.dtype)
-        scale, offset = affine_params(x, ranges.get(spec.name), codec.granularity, LEVELS.get(scheme))
-        data = _encode_tensor(x, scheme, scale, offset)
-        heads.append(TensorHeader(spec.name, spec.dtype, x.shape, scale, offset, data.nbytes))
+        if scheme == "pca":
+            head, data = _encode_pca(spec, x, codec.pca_bits, calibration)
+        else:
+            scale, offset = affine_params(x, ranges.get(spec.name), codec.granularity, LEVELS.get(scheme))
+            data = _encode_tensor(x, scheme, scale, offset)
+            head = TensorHeader(spec.name, spec.dtype, x.shape, scale, offset, data.nbytes)
+        heads.append(head)
         parts.append(data.data)  # a buffer view, no copy
     body = b"".join(parts)
     dict_id = 0
@@ -186,18 +225,26 @@ def decode(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     dictionary: zstandard.ZstdCompressionDict | None = None,
-    image_norm: jpeg.ImageNorm | None = None,
+    image_norm: imagecodec.ImageNorm | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, np.ndarray]:
-    """Decode a frame into fresh, writable arrays of the specs' dtypes, after checking it fully."""
+    """Decode a frame into fresh, writable arrays of the specs' dtypes, after checking it fully.
+
+    A pca frame needs the cut's `calibration` (the same bottlenecks the edge encoded with)."""
     header = header_of(payload, max_bytes=max_bytes)
     _check_header(header, specs)
     body = _body(memoryview(payload)[header.header_bytes :], header, dictionary)
-    if header.scheme == "jpeg":
+    if header.scheme in IMAGE_SCHEMES:
         (t,) = header.tensors
-        return {t.name: jpeg.decode_images(body, t.shape, image_norm).astype(t.dtype, copy=False)}
+        x = imagecodec.decode_images(body, t.shape, image_norm, header.scheme)
+        return {t.name: x.astype(t.dtype, copy=False)}
     out, pos = {}, 0
     for t in header.tensors:
-        out[t.name] = _decode_tensor(body[pos : pos + t.nbytes], t, _scheme_of(header.scheme, t.dtype))
+        data = body[pos : pos + t.nbytes]
+        if t.pca is not None:
+            out[t.name] = _decode_pca(data, t, t.pca, calibration)
+        else:
+            out[t.name] = _decode_tensor(data, t, _scheme_of(header.scheme, t.dtype))
         pos += t.nbytes
     return out
 
@@ -214,7 +261,7 @@ def header_of(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> FrameHea
         raise CodecError(f"unsupported frame version {version} / flags {flags:#x}")
     scheme = _lookup(SCHEMES, scheme_code, "scheme")
     granularity = _lookup(GRANULARITIES, granularity_code, "granularity")
-    if count > MAX_TENSORS or (scheme == "jpeg" and count != 1):
+    if count > MAX_TENSORS or (scheme in IMAGE_SCHEMES and count != 1):
         raise CodecError(f"frame claims {count} tensors for scheme {scheme}")
     tensors = tuple(_read_tensor(reader, scheme, granularity) for _ in range(count))
     header = FrameHeader(
@@ -228,6 +275,38 @@ def header_of(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> FrameHea
     )
     _check_sizes(header, memoryview(payload)[reader.pos :], max_bytes)
     return header
+
+
+_loaded: dict[tuple[str, str, str], Calibration | None] = {}
+_loaded_lock = threading.Lock()
+
+
+def calibration_for(bundle: Bundle, cut_id: str) -> Calibration | None:
+    """The cut's codec calibration: ranges from the manifest, bottlenecks from the `.npz` file the
+    manifest names for it (its hash checked again as it is read). Cached per bundle build and cut,
+    since the tail service asks on every request."""
+    key = (str(bundle.root), bundle.manifest_sha256, cut_id)
+    with _loaded_lock:
+        if key in _loaded:
+            return _loaded[key]
+    m = bundle.manifest
+    raw, file = m.calibration.get(cut_id), m.bottlenecks.get(cut_id)
+    calibration = None
+    if raw or file:
+        fitted = _read_bottlenecks(bundle, file) if file else {}
+        calibration = Calibration(Calibration.from_json(raw or {}).ranges, fitted)
+    with _loaded_lock:
+        if len(_loaded) >= 256:
+            _loaded.clear()
+        _loaded[key] = calibration
+    return calibration
+
+
+def _read_bottlenecks(bundle: Bundle, file: str) -> dict[str, bottleneck.Bottleneck]:
+    data = bundle.path(file).read_bytes()
+    if file not in bundle.manifest.files or hashlib.sha256(data).hexdigest() != bundle.manifest.files[file]:
+        raise IntegrityError(f"bundle '{bundle.name}' {file}: sha256 mismatch or not listed in the manifest")
+    return bottleneck.from_npz(data, f"bundle '{bundle.name}' {file}")
 
 
 def train_dictionary(samples: Sequence[bytes], size: int = 16384) -> zstandard.ZstdCompressionDict:
@@ -270,19 +349,29 @@ def _encode_tensor(x: np.ndarray, scheme: str, scale: np.ndarray, offset: np.nda
     return pack4(codes) if scheme == "int4" else codes
 
 
-def _encode_jpeg(
+def _encode_pca(
+    spec: TensorSpec, x: np.ndarray, bits: int, calibration: Calibration | None
+) -> tuple[TensorHeader, np.ndarray]:
+    b = _bottleneck_of(spec.name, x.shape, calibration)
+    codes = bottleneck.encode_codes(x, b, bits)
+    empty = np.empty(0, np.float32)
+    pca = (bits, codes.shape[0], b.basis_id)
+    return TensorHeader(spec.name, spec.dtype, x.shape, empty, empty, codes.nbytes, pca), codes.reshape(-1)
+
+
+def _encode_image(
     specs: Sequence[TensorSpec],
     arrays: list[np.ndarray],
     codec: CodecSpec,
-    norm: jpeg.ImageNorm | None,
+    norm: imagecodec.ImageNorm | None,
 ) -> bytes:
     if len(arrays) != 1 or arrays[0].dtype.kind != "f":
-        raise CodecError("the jpeg scheme needs a frontier of exactly one float image tensor")
+        raise CodecError(f"the {codec.scheme} scheme needs a frontier of exactly one float image tensor")
     x = arrays[0]
-    body = jpeg.encode_images(x, norm, codec.jpeg_quality)
+    body = imagecodec.encode_images(x, norm, codec.jpeg_quality, codec.scheme)
     empty = np.empty(0, np.float32)
     head = TensorHeader(specs[0].name, specs[0].dtype, x.shape, empty, empty, len(body))
-    return _pack_header("jpeg", codec.granularity, False, 0, [head]) + body
+    return _pack_header(codec.scheme, codec.granularity, False, 0, [head]) + body
 
 
 def _pack_header(
@@ -300,7 +389,9 @@ def _pack_header(
             _DTYPE_RANK.pack(WIRE_DTYPES.index(t.dtype), len(t.shape)),
         ]
         parts += [struct.pack(f"<{len(t.shape)}I", *t.shape), t.scale.astype("<f4").tobytes()]
-        parts += [t.offset.astype("<f4").tobytes(), _U32.pack(t.nbytes)]
+        parts.append(t.offset.astype("<f4").tobytes())
+        parts += [_PCA.pack(*t.pca)] if t.pca is not None else []
+        parts.append(_U32.pack(t.nbytes))
     return b"".join(parts)
 
 
@@ -340,8 +431,11 @@ def _read_tensor(reader: _Reader, scheme: str, granularity: str) -> TensorHeader
     offset = np.frombuffer(reader.take(4 * params), "<f4")
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(offset))):
         raise CodecError(f"tensor {name!r}: non-finite quantization parameters")
+    pca = reader.unpack(_PCA) if _scheme_of(scheme, dtype) == "pca" else None
+    if pca is not None and not (pca[0] in bottleneck.BIT_BUDGETS and rank >= 3 and 0 < pca[1] <= shape[1]):
+        raise CodecError(f"tensor {name!r}: pca bits {pca[0]}, k {pca[1]}, rank {rank} are not valid")
     (nbytes,) = reader.unpack(_U32)
-    return TensorHeader(name, dtype, shape, scale, offset, nbytes)
+    return TensorHeader(name, dtype, shape, scale, offset, nbytes, pca)
 
 
 def _check_sizes(header: FrameHeader, body: memoryview, max_bytes: int) -> None:
@@ -350,9 +444,12 @@ def _check_sizes(header: FrameHeader, body: memoryview, max_bytes: int) -> None:
         raise FrameTooLargeError(f"frame decodes to {header.decoded_bytes} bytes, over {max_bytes}")
     for t in header.tensors:
         scheme = _scheme_of(header.scheme, t.dtype)
-        if header.scheme == "jpeg" and scheme != "jpeg":
-            raise CodecError(f"tensor {t.name!r}: jpeg needs a float tensor, not {t.dtype}")
-        if scheme != "jpeg" and t.nbytes != _encoded_size(scheme, t.dtype, math.prod(t.shape)):
+        if header.scheme in IMAGE_SCHEMES and scheme != header.scheme:
+            raise CodecError(f"tensor {t.name!r}: {scheme} needs a float tensor, not {t.dtype}")
+        if t.pca is not None:
+            if t.nbytes != t.pca[1] * math.prod(t.shape) // t.shape[1]:
+                raise CodecError(f"tensor {t.name!r}: {t.nbytes} payload bytes do not fit k={t.pca[1]}")
+        elif scheme not in IMAGE_SCHEMES and t.nbytes != _encoded_size(scheme, t.dtype, math.prod(t.shape)):
             raise CodecError(f"tensor {t.name!r}: {t.nbytes} payload bytes do not fit its shape")
     expected = sum(t.nbytes for t in header.tensors)
     if expected > max_bytes:
@@ -394,6 +491,34 @@ def _body(
         return memoryview(context.decompress(data, allow_extra_data=False))
     except zstandard.ZstdError as error:
         raise CodecError(f"frame body does not decompress: {error}") from None
+
+
+def _decode_pca(
+    data: memoryview, t: TensorHeader, pca: tuple[int, int, int], calibration: Calibration | None
+) -> np.ndarray:
+    bits, k, basis_id = pca
+    b = _bottleneck_of(t.name, t.shape, calibration)
+    if basis_id != b.basis_id or b.variant(bits).k != k:
+        raise CodecError(
+            f"tensor {t.name!r}: frame encoded with bottleneck {basis_id:08x} k={k}, this side has "
+            f"{b.basis_id:08x} k={b.variant(bits).k} (edge and tail need the same bundle)"
+        )
+    codes = np.frombuffer(data, np.uint8).reshape(k, -1)
+    return bottleneck.decode_codes(codes, b, bits, t.shape).astype(t.dtype, copy=False)
+
+
+def _bottleneck_of(
+    name: str, shape: tuple[int, ...], calibration: Calibration | None
+) -> bottleneck.Bottleneck:
+    b = calibration.bottlenecks.get(name) if calibration is not None else None
+    if b is None:
+        raise CodecError(
+            f"tensor {name!r}: no pca bottleneck fitted at this cut",
+            hint="calibrate the bundle with a pca codec (edgecut partition --calibrate …)",
+        )
+    if len(shape) < 3 or shape[1] != b.channels:
+        raise CodecError(f"tensor {name!r}: bottleneck has {b.channels} channels, tensor shape {shape}")
+    return b
 
 
 def _decode_tensor(data: memoryview, t: TensorHeader, scheme: str) -> np.ndarray:

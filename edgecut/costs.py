@@ -30,7 +30,7 @@ def seal_overhead_bytes(suite: str = DEFAULT_SUITE) -> int:
 
 
 SEAL_OVERHEAD_BYTES = seal_overhead_bytes()  # with the default suite (profiles seal with it)
-BITS = {"none": 32, "fp16": 16, "int8": 8, "int6": 8, "int4": 4, "jpeg": 1}
+BITS = {"none": 32, "fp16": 16, "int8": 8, "int6": 8, "int4": 4, "pca": 2, "jpeg": 1, "webp": 1, "png": 8}
 DEFAULT_CODECS = ("int8-channel-z3",)
 INPUT_BASELINE = "jpeg90"  # at an image model's input: what a user would upload without edgecut
 
@@ -168,17 +168,31 @@ def _cloud_ms(cloud: CloudTimes, edge: Profile, segment: str) -> float:
 
 
 def _codecs_for(m: Manifest, cut_id: str, codecs: Sequence[str]) -> list[str]:
-    """The given codecs wherever they apply (image codecs only at an image model's input), and
-    the JPEG upload as the input's baseline when no image codec was given."""
-    image_input = cut_id == "input" and m.preprocess.kind == "image"
-    if not image_input:
-        return [c for c in codecs if not c.startswith("jpeg")]
-    return list(codecs) if any(c.startswith("jpeg") for c in codecs) else [*codecs, INPUT_BASELINE]
+    """The given tensor codecs wherever they apply (pca only where the bundle has a bottleneck for
+    the cut); at an image model's input also the image uploads given, or else every image upload
+    the fidelity report measured (JPEG at each quality, WebP, PNG: the honest cloud-only
+    baselines) and JPEG q90."""
+    from edgecut.codec import CodecSpec
+
+    specs = [(c, CodecSpec.parse(c)) for c in codecs]
+    tensors = [c for c, s in specs if not s.is_image and (s.scheme != "pca" or cut_id in m.bottlenecks)]
+    if cut_id != "input" or m.preprocess.kind != "image":
+        return tensors
+    images = [c for c, s in specs if s.is_image]
+    if not images:
+        measured = [str(r["codec"]) for r in m.fidelity if r["cut"] == "input"]
+        images = [INPUT_BASELINE, *(c for c in measured if CodecSpec.parse(c).is_image)]
+    return list(dict.fromkeys([*tensors, *images]))
 
 
 def agreement(row: Mapping[str, object]) -> float:
-    """A fidelity row's top-1 agreement with the unsplit model, 0..1: the one place that reads it."""
-    return float(str(row["agreement"]))
+    """A fidelity row's top-1 agreement with the unsplit model, 0..1: the one place that reads it.
+
+    The headline is the agreement on the views where the unsplit model is confident (top-1
+    probability >= 0.5): elsewhere any perturbation flips near-ties. Rows written before that
+    field existed (or with no confident view) fall back to the agreement on all views."""
+    confident = row.get("agreement_confident")
+    return float(str(confident if confident is not None else row["agreement"]))
 
 
 def option_agreement(m: Manifest, cut_id: str, codec: str) -> float | None:
@@ -222,7 +236,9 @@ def _bytes_and_drop(
         return int(float(str(row["bytes"]))) + overhead, drop
     if timing is not None:  # measured sealed with the default suite
         return timing.bytes_ - SEAL_OVERHEAD_BYTES + overhead, drop
-    scheme = codec.split("-")[0].rstrip("0123456789") if codec.startswith("jpeg") else codec.split("-")[0]
+    from edgecut.codec import CodecSpec
+
+    scheme = CodecSpec.parse(codec).scheme
     elems = sum(t.numel for t in m.cut(cut_id).frontier)
     return elems * BITS.get(scheme, 32) // 8 + overhead, drop
 

@@ -102,20 +102,45 @@ def cuts_table(bundle: Bundle) -> Table:
 
 
 def fidelity_table(bundle: Bundle) -> Table:
+    """One row per (cut, codec). The headline is top-1 agreement on the held-out views where the
+    unsplit model is confident; each row says how many views, confident views and photos it rests
+    on. Bytes are also shown against JPEG q90 of the input, the cloud-only upload to beat."""
     rows = bundle.manifest.fidelity
+    jpeg = next((r for r in rows if r["cut"] == "input" and r["codec"] == "jpeg90"), None)
+    first = rows[0] if rows else {}
+    basis = (
+        f" — {first.get('views', first.get('samples', '?'))} views of {first.get('photos', '?')} "
+        f"photos, {first.get('confident_views', '?')} confident"
+    )
     t = Table(
-        title="codec fidelity on held-out photos"
+        title="codec fidelity on held-out photos" + basis
         if rows
         else "no fidelity report (partition with --calibrate builtin)"
     )
-    for col in ("cut", "codec", "bytes", "top-1 agreement", "max |Δ logit|"):
+    columns = ("cut", "codec", "bytes", "× jpeg90", "top-1 confident", "top-1 all", "mean KL", "top-5")
+    for col in (*columns, "max |Δ logit|"):
         t.add_column(col, justify="left" if col in ("cut", "codec") else "right")
     for r in rows:
         t.add_row(
             str(r["cut"]),
             str(r["codec"]),
             _human(float(r["bytes"])),
-            f"{100 * float(r['agreement']):.1f} %",
+            f"{float(r['bytes']) / float(jpeg['bytes']):.3f}" if jpeg else "–",
+            _percent(r.get("agreement_confident"), r.get("confident_views")),
+            _percent(r["agreement"], r.get("views", r.get("samples"))),
+            _number(r.get("mean_kl")),
+            _percent(r.get("top5_overlap"), None),
             f"{float(r['max_abs_error']):.3g}",
         )
     return t
+
+
+def _percent(value: object, count: object) -> str:
+    if value is None:
+        return "–" if count is None else f"– (n={count})"
+    text = f"{100 * float(str(value)):.1f} %"
+    return text if count is None else f"{text} (n={count})"
+
+
+def _number(value: object) -> str:
+    return "–" if value is None else f"{float(str(value)):.3g}"

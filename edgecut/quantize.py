@@ -14,11 +14,12 @@ channel, axis 1 (P = C, rank ≥ 3 only). This module must not import `edgecut.c
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from edgecut.bottleneck import Bottleneck
 from edgecut.errors import CodecError, UsageError
 
 LEVELS = {"int8": 255, "int6": 63, "int4": 15}  # highest code of each affine quantizer
@@ -29,9 +30,12 @@ class Calibration:
     """Quantization ranges per tensor, computed offline and stored in the bundle manifest.
 
     `ranges[name] = (lo, hi)`: float32 arrays of shape (), or (C,) for a range per channel (axis 1).
+    `bottlenecks[name]`: the pca codec's fitted transform, stored in a file of its own (the
+    manifest keeps the ranges only), see `edgecut.codec.calibration_for`.
     """
 
     ranges: Mapping[str, tuple[np.ndarray, np.ndarray]]
+    bottlenecks: Mapping[str, Bottleneck] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checked = {}

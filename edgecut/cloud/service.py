@@ -342,7 +342,11 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
         pre = bundle.manifest.preprocess
         norm = (pre.mean, pre.std) if pre.kind == "image" else None
         return codec.decode(
-            payload, cut.frontier, max_bytes=self.ctx.config.max_decoded_bytes, image_norm=norm
+            payload,
+            cut.frontier,
+            max_bytes=self.ctx.config.max_decoded_bytes,
+            image_norm=norm,
+            calibration=codec.calibration_for(bundle, cut.id),
         )
 
     def _failed(

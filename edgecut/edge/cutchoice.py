@@ -62,22 +62,14 @@ class Encoder:
     """Frontier → codec frame for any cut, with that cut's calibration and image normalisation."""
 
     def __init__(self, bundle: Bundle) -> None:
-        self.manifest = bundle.manifest
-        self._calibrations: dict[str, codec.Calibration | None] = {}
+        self.manifest, self._bundle = bundle.manifest, bundle
 
     def encode(self, cut: str, codec_name: str, frontier: Mapping[str, np.ndarray]) -> bytes:
         spec = codec.CodecSpec.parse(codec_name)
         pre = self.manifest.preprocess
-        norm = (pre.mean, pre.std) if spec.scheme == "jpeg" else None
-        return codec.encode(
-            frontier, self.manifest.cut(cut).frontier, spec, self._calibration(cut), image_norm=norm
-        )
-
-    def _calibration(self, cut: str) -> codec.Calibration | None:
-        if cut not in self._calibrations:
-            raw = self.manifest.calibration.get(cut)
-            self._calibrations[cut] = codec.Calibration.from_json(raw) if raw else None
-        return self._calibrations[cut]
+        norm = (pre.mean, pre.std) if spec.is_image else None
+        calibration = codec.calibration_for(self._bundle, cut)
+        return codec.encode(frontier, self.manifest.cut(cut).frontier, spec, calibration, image_norm=norm)
 
 
 class FixedCut(Encoder):

@@ -17,7 +17,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from edgecut.bundle import Bundle, TensorSpec
-from edgecut.codec import Calibration, CodecSpec, decode, encode
+from edgecut.codec import Calibration, CodecSpec, calibration_for, decode, encode
 from edgecut.costs import segment_name
 from edgecut.edge.runner import Runner
 from edgecut.images import synthetic_feeds
@@ -55,10 +55,11 @@ def profile_codecs(
     for cut in m.cuts[:-1]:
         head = m.head(cut.id)
         tensors = runner.run(feeds, 0, len(head) - 1).outputs if head else dict(feeds)
-        calib = Calibration.from_json(m.calibration[cut.id]) if cut.id in m.calibration else None
+        calib = calibration_for(bundle, cut.id)
         for name in codecs:
             spec = CodecSpec.parse(name)
-            if (spec.scheme == "jpeg") == (cut.id == "input" and norm is not None):
+            usable = spec.scheme != "pca" or (calib is not None and bool(calib.bottlenecks))
+            if usable and spec.is_image == (cut.id == "input" and norm is not None):
                 frame = _Frame(
                     Binding(m.model, m.version, cut.id, "profile"), cut.frontier, spec, calib, norm
                 )
@@ -82,7 +83,8 @@ class _Frame:
         sealed = seal()
 
         def unseal() -> object:
-            return decode(open_request(key, self.binding, sealed)[0], self.specs, image_norm=self.norm)
+            payload = open_request(key, self.binding, sealed)[0]
+            return decode(payload, self.specs, image_norm=self.norm, calibration=self.calibration)
 
         return CodecTiming(
             self.binding.cut, str(self.codec), _median_ms(seal, runs), _median_ms(unseal, runs), len(sealed)

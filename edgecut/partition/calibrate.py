@@ -1,43 +1,63 @@
-"""Codec calibration and fidelity: per-cut quantization ranges, and what each codec costs in accuracy.
+"""Codec calibration and fidelity: per-cut ranges and bottlenecks, and what each codec costs in accuracy.
 
-Ranges come from the head's activations on augmented photos (`Calibration.from_samples`: a
-percentile band per channel, so a few outliers are clipped instead of coarsening every code).
-Fidelity is then measured on a *held-out* set: other augmentations (other seed and parameters) and,
-when a directory gives at least `SPLIT_MIN_IMAGES` images, other images too. Each (cut, codec) row
-states the mean frame bytes per batch-1 request, the top-1 agreement with the unsplit model and the
-largest logit error — the accuracy budget the planner reads.
+Calibration and held-out sets are split BY PHOTO: the built-in source takes scikit-image's (and
+matplotlib's) photos as `edgecut.images` divides them; a directory of at least `SPLIT_MIN_IMAGES`
+images holds out every 4th; `heldout=DIR` names the user's own evaluation folder. Calibration
+views are random resized crops (`CALIBRATION_AUGMENT`); held-out views keep the photo's subject
+(`HELDOUT_AUGMENT`: at least 70 % of the shorter side, near-square, flipped half the time).
 
-The built-in source is scikit-image's seven photos; they are not split (held-out would be one or two
-photos), so there the held-out set differs by augmentation only. Models without image preprocessing
-are refused: ranges fitted to random tensors would describe nothing the model ever sees.
+From the calibration views: affine ranges (`Calibration.from_samples`, a percentile band per
+channel) and, for the pca codecs, each cut's bottleneck (`edgecut.bottleneck`): the basis, then per
+bit budget the smallest k whose mean KL divergence from the unsplit model on the calibration views
+is within `KL_SLACK` of keeping every component; the bottlenecks go to `codecs/<cut>.npz`, listed
+and hashed in the manifest.
+On the held-out views each (cut, codec) gets a `FidelityRow` (`edgecut.partition.fidelity`): bytes,
+top-1 agreement on the confident views (the headline), on all views, mean KL, top-5 overlap, and
+the counts they rest on — the accuracy budget the planner reads. Models without image
+preprocessing are refused: ranges fitted to random tensors would describe nothing the model sees.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from edgecut import bottleneck
 from edgecut.bundle import SIGNATURE, Bundle, Manifest, Preprocess, load_bundle, write_manifest
 from edgecut.codec import Calibration, CodecSpec, decode, encode
 from edgecut.errors import UsageError
-from edgecut.images import list_images, load_image, sample_photos
+from edgecut.images import CALIBRATION_PHOTOS, HELDOUT_PHOTOS, list_images, load_image, sample_photos
+from edgecut.partition.fidelity import FidelityRow, mean_kl, row
 from edgecut.runtime import OrtOptions, SegmentChain
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CODECS = ("int8-channel", "int8-tensor", "int6-channel", "int4-channel", "fp16")
-INPUT_CODECS = ("jpeg90",)  # also measured at cut "input": the cloud-only baseline
+# pca4 only by default: at EfficientNet-Lite0 c05, pca3 and pca2 need more components for less
+# fidelity (pca3 k=48: 0.17x JPEG q90 at 98 % confident agreement; pca4 k=40: 0.16x at 100 %).
+DEFAULT_CODECS = ("int8-channel", "int8-tensor", "int6-channel", "int4-channel", "fp16", "pca4")
+# Also measured at cut "input": the cloud-only baselines, each an image a plain service would upload.
+INPUT_CODECS = ("jpeg50", "jpeg75", "jpeg90", "webp50", "webp75", "webp90", "png")
 SPLIT_MIN_IMAGES = 4  # a directory with at least this many images is split: every 4th is held out
 PERCENTILE = 99.99  # of each channel's values; the band outside is clipped by the quantizer
 MIN_VALUES_PER_CHANNEL = 1024  # fewer calibration values per channel: one range for the tensor
+# The pca codec's k per cut and bit budget: the smallest k (on a grid of fractions of C) whose mean
+# KL(unsplit ‖ codec) on the calibration views is at most KL_SLACK times that of keeping all C
+# components at the same bit budget: dropping components may add 35 % to the quantizer's own
+# divergence. (An absolute target does not transfer: most calibration views are unsure, and their
+# KL is dominated by near-ties; at Lite0 c05 pca4 keeps k = 40 of 80 this way, KL 0.23 vs 0.18.)
+KL_SLACK = 1.35
+K_FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 1)
+BOTTLENECK_DIR = "codecs"
 
 Progress = Callable[[int, int], None]  # (cuts done, cuts in all), for a caller's progress bar
 
@@ -52,63 +72,62 @@ class Augment:
 
 
 CALIBRATION_AUGMENT = Augment(scale=(0.5, 1.0), aspect=(3 / 4, 4 / 3), flip=0.5)
-HELDOUT_AUGMENT = Augment(scale=(0.55, 1.0), aspect=(4 / 5, 5 / 4), flip=0.5)
-
-
-@dataclass(frozen=True)
-class FidelityRow:
-    """One (cut, codec) measurement on the held-out set."""
-
-    cut: str
-    codec: str  # canonical text form, str(CodecSpec)
-    bytes: int  # mean encoded frame bytes per batch-1 request (before sealing)
-    agreement: float  # fraction 0..1 of samples whose top-1 class matches the unsplit model
-    max_abs_error: float  # largest |logit - unsplit logit| over samples and classes
-    samples: int  # held-out samples measured
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+HELDOUT_AUGMENT = Augment(scale=(0.7, 1.0), aspect=(9 / 10, 10 / 9), flip=0.5)
 
 
 def calibrate_bundle(
     bundle: Bundle,
     source: str,
     *,
+    heldout: str | None = None,
     signing_key: Any = None,
     codecs: Sequence[str] | None = None,
-    calib_count: int = 48,
-    heldout_count: int = 64,
+    calib_count: int = 64,
+    heldout_count: int = 96,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> Bundle:
-    """Store per-cut ranges and the fidelity table in the bundle's manifest; return it reloaded.
+    """Store per-cut ranges, bottlenecks and the fidelity table in the bundle; return it reloaded.
 
-    `source` is "builtin" or a directory of images. Only manifest.json (and its signature) change:
-    no file is added, so the listed hashes stay valid. Without `signing_key` an old signature is
-    removed: it no longer matches, and "not signed" is the truth where "tampered" would not be.
+    `source` is "builtin" or a directory of images; `heldout` an optional directory of evaluation
+    images (then all of `source` calibrates). The manifest changes, and for pca codecs
+    `codecs/<cut>.npz` files are added to it (listed with their hashes). Without `signing_key` an
+    old signature is removed: it no longer matches, and "not signed" is the truth.
     """
     t0 = time.perf_counter()
     m = bundle.manifest
-    calib_photos, heldout_photos = photo_sets(source, m)
+    calib_photos, heldout_photos = photo_sets(source, m, heldout)
     chains = segment_chains(bundle)
+    names = [str(CodecSpec.parse(c)) for c in (codecs or DEFAULT_CODECS)]
     calib = augmented_inputs(calib_photos, m.preprocess, calib_count, CALIBRATION_AUGMENT, seed)
     frontiers = run_frontiers(m, chains, calib)
-    calibration = {c.id: fit_calibration(f) for c, f in zip(m.cuts[:-1], frontiers, strict=False)}
-    heldout = augmented_inputs(heldout_photos, m.preprocess, heldout_count, HELDOUT_AUGMENT, seed + 1)
-    rows = measure_fidelity(m, chains, heldout, calibration, codecs, progress)
+    budgets = sorted({s.pca_bits for s in map(CodecSpec.parse, names) if s.scheme == "pca"})
+    calibration = {}
+    for cut, frontier in zip(m.cuts[:-1], frontiers, strict=False):
+        pca = budgets if cut.id != "input" else []  # 3 colour channels: nothing to decorrelate
+        fitted = fit_bottlenecks(m, chains, cut.depth, frontier, frontiers[-1], pca)
+        calibration[cut.id] = Calibration(fit_calibration(frontier).ranges, fitted)
+    files = _write_bottlenecks(bundle.root, calibration)
+    heldout_views = augmented_inputs(heldout_photos, m.preprocess, heldout_count, HELDOUT_AUGMENT, seed + 1)
+    rows = measure_fidelity(m, chains, heldout_views, calibration, names, progress, len(heldout_photos))
     manifest = dataclasses.replace(
         m,
         calibration={cut: c.to_json() for cut, c in calibration.items()},
         fidelity=tuple(r.to_json() for r in rows),
+        files={k: v for k, v in m.files.items() if not k.startswith(f"{BOTTLENECK_DIR}/")}
+        | {f: h for f, h in files.values()},
+        bottlenecks={cut: f for cut, (f, _) in files.items()},
     )
     if signing_key is None:
         (bundle.root / SIGNATURE).unlink(missing_ok=True)
     write_manifest(bundle.root, manifest, signing_key)
     log.info(
-        "calibrated %s on %d + %d samples in %.1f s",
+        "calibrated %s on %d views of %d photos, measured on %d views of %d photos in %.1f s",
         bundle.name,
         calib_count,
+        len(calib_photos),
         heldout_count,
+        len(heldout_photos),
         time.perf_counter() - t0,
     )
     return load_bundle(bundle.root)
@@ -128,21 +147,117 @@ def fit_calibration(frontier: Mapping[str, np.ndarray]) -> Calibration:
     return Calibration(ranges)
 
 
-def photo_sets(source: str, m: Manifest) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(calibration photos, held-out photos) as RGB uint8 arrays."""
+def fit_bottlenecks(
+    m: Manifest,
+    chains: Sequence[SegmentChain],
+    depth: int,
+    frontier: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    budgets: Sequence[int],
+) -> dict[str, bottleneck.Bottleneck]:
+    """The cut's bottleneck per float tensor, one variant per bit budget; {} where a float tensor
+    has no spatial extent to decorrelate (e.g. a pooled feature vector), so pca skips that cut."""
+    floats = {k: v for k, v in frontier.items() if v.dtype.kind == "f"}
+    if not budgets or not floats or not all(bottleneck.fits(v.shape) for v in floats.values()):
+        return {}
+    bases = {k: bottleneck.fit_basis(v) for k, v in floats.items()}
+    plain = {k: bottleneck.Bottleneck(*basis, {}) for k, basis in bases.items()}
+    coefficients = {k: bottleneck.project(floats[k], b, b.basis.shape[1]) for k, b in plain.items()}
+    logits = reference[m.outputs[0].name]
+    variants: dict[str, dict[int, bottleneck.Variant]] = {k: {} for k in floats}
+    for budget in budgets:
+
+        def fitted(fraction: float, budget: int = budget) -> dict[str, bottleneck.Variant]:
+            out = {}
+            for k, (_, basis, variance) in bases.items():
+                bits = bottleneck.allocate(variance, budget, max(1, round(fraction * basis.shape[1])))
+                out[k] = bottleneck.fit_variant(coefficients[k], bits, budget)
+            return out
+
+        def kl(fraction: float, budget: int = budget) -> float:
+            chosen = fitted(fraction)
+            feeds = dict(frontier)
+            for k, b in plain.items():
+                one = dataclasses.replace(b, variants={budget: chosen[k]})
+                feeds[k] = bottleneck.decode_codes(
+                    bottleneck.encode_codes(floats[k], one, budget), one, budget, floats[k].shape
+                )
+            return mean_kl(logits, run_chain(chains[depth:], feeds, m.batchable)[m.outputs[0].name])
+
+        target = KL_SLACK * kl(1.0)
+        fraction = _smallest(K_FRACTIONS, partial(_within, kl, target))
+        log.debug("pca%d at depth %d: k = %.3g of the channels", budget, depth, fraction)
+        for k, v in fitted(fraction).items():
+            variants[k][budget] = v
+    return {k: dataclasses.replace(b, variants=variants[k]) for k, b in plain.items()}
+
+
+def _within(kl: Callable[[float], float], target: float, fraction: float) -> bool:
+    return kl(fraction) <= target
+
+
+def _smallest(grid: Sequence[float], ok: Callable[[float], bool]) -> float:
+    """The smallest grid value that is ok (binary search: ok is taken as monotone), else the last."""
+    lo, hi = 0, len(grid) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(grid[mid]) else (mid + 1, hi)
+    return grid[lo]
+
+
+def _write_bottlenecks(root: Path, calibration: Mapping[str, Calibration]) -> dict[str, tuple[str, str]]:
+    """cut -> (relative file, sha256) for every cut with bottlenecks; stale files are removed."""
+    folder = root / BOTTLENECK_DIR
+    for old in folder.glob("*.npz") if folder.is_dir() else ():
+        old.unlink()
+    out = {}
+    for cut, c in calibration.items():
+        if c.bottlenecks:
+            folder.mkdir(exist_ok=True)
+            data = bottleneck.to_npz(c.bottlenecks)
+            (folder / f"{cut}.npz").write_bytes(data)
+            out[cut] = (f"{BOTTLENECK_DIR}/{cut}.npz", hashlib.sha256(data).hexdigest())
+    return out
+
+
+def photo_sets(
+    source: str, m: Manifest, heldout: str | None = None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(calibration photos, held-out photos) as RGB uint8 arrays; no photo is in both."""
     if m.preprocess.kind != "image" or len(m.inputs) != 1:
         raise UsageError(
             f"model '{m.model}' takes tensors, not one image: calibration needs photos",
             hint="the bundle was written without calibration; encode with fp16 or ranges computed per frame",
         )
     if source == "builtin":
-        photos = [image for _, image in sample_photos()]
-        return photos, photos
-    paths = list_images(Path(source))
-    photos = [load_image(p) for p in paths]
-    if len(photos) < SPLIT_MIN_IMAGES:
-        return photos, photos
-    return ([p for i, p in enumerate(photos) if i % 4 != 3], [p for i, p in enumerate(photos) if i % 4 == 3])
+        calib = [image for _, image in sample_photos(CALIBRATION_PHOTOS)]
+        held = [image for _, image in sample_photos(HELDOUT_PHOTOS)]
+    elif heldout is not None:
+        calib, held = _load_all(source), _load_all(heldout)
+    else:
+        photos = _load_all(source)
+        if len(photos) < SPLIT_MIN_IMAGES:
+            raise UsageError(
+                f"images directory '{source}' has {len(photos)} images: need at least "
+                f"{SPLIT_MIN_IMAGES} to hold some out by photo",
+                hint="add images, or name an evaluation folder of your own with --heldout DIR",
+            )
+        calib = [p for i, p in enumerate(photos) if i % 4 != 3]
+        held = [p for i, p in enumerate(photos) if i % 4 == 3]
+    if heldout is not None and source == "builtin":
+        held = _load_all(heldout)
+    shared = {_digest(p) for p in calib} & {_digest(p) for p in held}
+    if shared:
+        raise UsageError(f"{len(shared)} photo(s) are in both the calibration and the held-out set")
+    return calib, held
+
+
+def _load_all(directory: str) -> list[np.ndarray]:
+    return [load_image(p) for p in list_images(Path(directory))]
+
+
+def _digest(photo: np.ndarray) -> str:
+    return hashlib.sha256(photo.tobytes() + str(photo.shape).encode()).hexdigest()
 
 
 def augmented_inputs(
@@ -220,11 +335,13 @@ def measure_fidelity(
     calibration: Mapping[str, Calibration],
     codecs: Sequence[str] | None = None,
     progress: Progress | None = None,
+    photos: int = 0,
 ) -> list[FidelityRow]:
     """Round-trip every cut's frontier through each codec and run the tail: rows per cut × codec.
 
     Frames are encoded one sample at a time (as requests travel), decoded, then the tail runs on
-    the re-stacked batch. Cut "output" is skipped: its frontier is the answer itself.
+    the re-stacked batch. Cut "output" is skipped: its frontier is the answer itself; a pca codec
+    is skipped at cuts without a fitted bottleneck. `photos`: distinct photos behind `inputs`.
     """
     frontiers = run_frontiers(m, chains, inputs)
     reference = frontiers[-1][m.outputs[0].name]
@@ -233,9 +350,14 @@ def measure_fidelity(
     for done, (cut, frontier) in enumerate(zip(cuts, frontiers, strict=False), start=1):
         extra = [str(CodecSpec.parse(c)) for c in INPUT_CODECS] if cut.id == "input" else []
         for name in dict.fromkeys(names + extra):
-            frames, decoded = round_trip(m, cut.id, frontier, CodecSpec.parse(name), calibration.get(cut.id))
+            spec, calib = CodecSpec.parse(name), calibration.get(cut.id)
+            if spec.scheme == "pca" and (calib is None or not calib.bottlenecks):
+                continue
+            if spec.is_image and cut.id != "input":
+                continue
+            frames, decoded = round_trip(m, cut.id, frontier, spec, calib)
             logits = run_chain(chains[cut.depth :], decoded, m.batchable)[m.outputs[0].name]
-            rows.append(_row(cut.id, name, frames, logits, reference))
+            rows.append(row(cut.id, name, frames, logits, reference, photos))
         if progress is not None:
             progress(done, len(cuts))
     return rows
@@ -250,7 +372,7 @@ def round_trip(
 ) -> tuple[list[int], dict[str, np.ndarray]]:
     """(frame bytes per sample, the decoded frontier re-stacked on axis 0)."""
     specs = m.cut(cut_id).frontier
-    norm = (m.preprocess.mean, m.preprocess.std) if spec.scheme == "jpeg" else None
+    norm = (m.preprocess.mean, m.preprocess.std) if spec.is_image else None
     n = next(iter(frontier.values())).shape[0]
     sizes, parts = [], []
     for i in range(n):
@@ -258,15 +380,5 @@ def round_trip(
             {k: v[i : i + 1] for k, v in frontier.items()}, specs, spec, calibration, image_norm=norm
         )
         sizes.append(len(frame))
-        parts.append(decode(frame, specs, image_norm=norm))
+        parts.append(decode(frame, specs, image_norm=norm, calibration=calibration))
     return sizes, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def _row(
-    cut: str, codec: str, sizes: Sequence[int], logits: np.ndarray, reference: np.ndarray
-) -> FidelityRow:
-    agree = np.argmax(logits.reshape(len(sizes), -1), 1) == np.argmax(reference.reshape(len(sizes), -1), 1)
-    error = float(np.max(np.abs(logits.astype(np.float64) - reference)))
-    return FidelityRow(
-        cut, codec, round(float(np.mean(sizes))), round(float(agree.mean()), 6), round(error, 6), len(sizes)
-    )

@@ -43,7 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calibrate",
         metavar="DIR|builtin",
-        help="calibrate codecs and measure fidelity on photos (builtin = scikit-image)",
+        help="calibrate codecs and measure fidelity on photos: builtin (photos shipped with "
+        "scikit-image and matplotlib, split by photo) or a directory (every 4th image held out)",
+    )
+    p.add_argument(
+        "--heldout",
+        metavar="DIR",
+        help="with --calibrate: measure fidelity on this folder of your own photos instead",
     )
     p.add_argument(
         "--tflite",
@@ -72,6 +78,13 @@ def run(args: argparse.Namespace) -> int:
     from edgecut.partition.load import load_model, parse_shape
     from edgecut.partition.preprocessing import parse as parse_preprocess
 
+    if args.heldout and not args.calibrate:
+        raise UsageError("--heldout needs --calibrate (the photos to fit the codecs on)")
+    for folder in (args.calibrate, args.heldout):
+        if folder and folder != "builtin":
+            from edgecut.images import list_images
+
+            list_images(Path(folder))  # a wrong folder is an error now, not after partitioning
     if args.out.exists() and not args.force:
         raise UsageError(f"output directory '{args.out}' exists (use --force to replace it)")
     if args.tflite and importlib.util.find_spec("litert_torch") is None:
@@ -104,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate:
         from edgecut.partition.calibrate import calibrate_bundle
 
-        bundle = calibrate_bundle(bundle, args.calibrate, signing_key=key)
+        bundle = calibrate_bundle(bundle, args.calibrate, heldout=args.heldout, signing_key=key)
     if args.tflite:
         from edgecut.partition.tflite import convert_bundle
 
