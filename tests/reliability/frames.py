@@ -145,7 +145,8 @@ class FrameFactory:
             bit = self.rng.randrange(64 if which != "total_bytes" else 40)
             setattr(frame, which, getattr(frame, which) ^ (1 << bit))
             recipe = f"{which} bit {bit} flipped"
-            allowed = (INVALID, TOO_BIG) if which == "total_bytes" else (OK, LATE)
+            # deadline_ms and sent_at_ms are bound into the seal's HPKE info: a flip must not open
+            allowed = (INVALID, TOO_BIG) if which == "total_bytes" else (SEAL,)
         return self._one("bitflip_head", recipe, (frame,), *allowed)
 
     def bitflip_payload(self) -> Hostile:

@@ -33,13 +33,9 @@ from edgecut.v1 import edgecut_pb2_grpc
 PER_CATEGORY = 50  # short profile; the benchmark sends ≥ 10 000 in all
 LATENCY_FACTOR = 10.0  # the well-behaved client's median may grow this much under attack (2 shared cores)
 RSS_HEADROOM_KB = 64 << 10  # growth allowed over the pre-campaign RSS (measured: under 10 MiB)
-ROW_BOMB_HOLE = "issue 12: rows per request not capped (row bombs accepted), fixed on the harden branch"
 UNDECODABLE_HOLE = (
-    "issue 12: a message that is not a Frame/ProbeRequest gets UNKNOWN (Probe) or an empty OK stream "
-    "(Infer) instead of INVALID_ARGUMENT; harden branch, or a bug if it does not cover it"
-)
-PROBE_HOLE = (
-    "issue 12: Probe reply not capped relative to the request (4 MiB for 100 B), fixed on the harden branch"
+    "issue 12, still open after the harden merge: bytes that do not parse as a Frame/ProbeRequest "
+    "get UNKNOWN (Probe) or an empty OK stream (Infer) instead of INVALID_ARGUMENT"
 )
 PROBE_FLOOR_BYTES = 64 << 10  # any sane cap: a 100-byte request may get at most this + 16x its size
 
@@ -47,7 +43,7 @@ PROBE_FLOOR_BYTES = 64 << 10  # any sane cap: a 100-byte request may get at most
 def test_hostile_frames_get_precise_statuses_and_spare_others(
     service: Service, factory: FrameFactory, rel_edge: EdgeClient, calm_feeds: dict[str, np.ndarray]
 ) -> None:
-    categories = tuple(c for c in CATEGORIES if c != "row_bomb")  # row bombs: own test (xfail)
+    categories = tuple(c for c in CATEGORIES if c != "row_bomb")  # row bombs: own test
     client = WellBehaved(rel_edge, calm_feeds, service.address)
     baseline_ms = client.baseline()
     rss_before_kb = vitals(service.pid).rss_kb
@@ -69,7 +65,6 @@ def test_hostile_frames_get_precise_statuses_and_spare_others(
     assert service.proc.poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason=ROW_BOMB_HOLE)
 def test_row_bombs_are_refused(service: Service, factory: FrameFactory) -> None:
     tally = run_campaign(service.address, generate(factory, 8, ("row_bomb",)))
     assert tally.bad == [], "\n".join(tally.bad)
@@ -108,7 +103,6 @@ def _outcome(call: Callable[[], list[Any]]) -> str:
     return got[0] if len(got) == 1 and isinstance(got[0], str) else f"OK with {got}"
 
 
-@pytest.mark.xfail(strict=True, reason=PROBE_HOLE)
 def test_probe_does_not_amplify(service: Service) -> None:
     """A small request may not ask for a large reply (reflection / amplification)."""
     with service.channel() as channel:

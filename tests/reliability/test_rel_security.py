@@ -20,7 +20,7 @@ from relkit import CALM_CUT, Service, Tap, contains_any_window, infer_all, spawn
 from support import EdgeClient, running_server, serve_config
 from test_tls import pki  # noqa: F401  (a throwaway CA, server and device certificates)
 
-from edgecut import codec
+from edgecut import codec, sealing
 from edgecut.bundle import load_bundle, write_manifest
 from edgecut.edge.agent import image_input
 from edgecut.edge.startup import EdgeConfig, start_agent
@@ -32,14 +32,6 @@ from edgecut.v1 import edgecut_pb2 as pb
 from edgecut.v1 import edgecut_pb2_grpc
 
 OTHER_MODEL = "other-model"
-LOG_FIELD_HOLE = (
-    "issue 12: request_id / model unbounded until the binding check and logged verbatim for every "
-    "bad frame; fixed on the harden branch (lengths capped at reassembly, logged with %r)"
-)
-DEVICE_BINDING_HOLE = (
-    "issue 12: the authenticated device is not bound into the HPKE info, so a frame replays under "
-    "another device's token; fixed on the harden branch"
-)
 
 
 def renamed(src: Path, dst: Path, model: str, signing_key: Any = None) -> Path:
@@ -163,6 +155,11 @@ def _bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+def _as(setup: TokenSetup, device: str) -> dict[str, str]:
+    """The seal's identity for frames sent with `device`'s token (bound into the HPKE info)."""
+    return {"identity": sealing.device_identity(setup.tokens[device])}
+
+
 def _send(setup: TokenSetup, device: str | None, frames: list[pb.Frame]) -> list[str]:
     with setup.service.channel() as channel:
         stub = edgecut_pb2_grpc.TailServiceStub(channel)
@@ -177,25 +174,25 @@ def _send(setup: TokenSetup, device: str | None, frames: list[pb.Frame]) -> list
 def test_a_token_granted_one_model_cannot_use_another(
     token_service: TokenSetup, rel_edge: EdgeClient, calm_feeds: dict[str, np.ndarray]
 ) -> None:
-    own = rel_edge.request(calm_feeds, CALM_CUT).frames
-    other = rel_edge.request(calm_feeds, CALM_CUT, model=OTHER_MODEL).frames
+    as_a, as_b = _as(token_service, "dev-a"), _as(token_service, "dev-b")
+    own = rel_edge.request(calm_feeds, CALM_CUT, **as_a).frames
+    other = rel_edge.request(calm_feeds, CALM_CUT, model=OTHER_MODEL, **as_a).frames
     assert _send(token_service, "dev-a", own) == ["OK"]
     assert _send(token_service, "dev-a", other) == ["PERMISSION_DENIED"]
     assert _send(
-        token_service, "dev-b", rel_edge.request(calm_feeds, CALM_CUT, model=OTHER_MODEL).frames
+        token_service, "dev-b", rel_edge.request(calm_feeds, CALM_CUT, model=OTHER_MODEL, **as_b).frames
     ) == ["OK"]
     assert _send(token_service, None, rel_edge.request(calm_feeds, CALM_CUT).frames) == [
         "rpc UNAUTHENTICATED"
     ]
 
 
-@pytest.mark.xfail(strict=True, reason=DEVICE_BINDING_HOLE)
 def test_a_frame_does_not_replay_under_another_devices_token(
     token_service: TokenSetup, rel_edge: EdgeClient, calm_feeds: dict[str, np.ndarray]
 ) -> None:
-    frames = rel_edge.request(calm_feeds, CALM_CUT).frames
+    frames = rel_edge.request(calm_feeds, CALM_CUT, **_as(token_service, "dev-a")).frames
+    assert _send(token_service, "dev-b", frames) == ["UNAUTHENTICATED"]
     assert _send(token_service, "dev-a", frames) == ["OK"]
-    assert _send(token_service, "dev-b", frames) != ["OK"]
 
 
 # ---------------------------------------------------------------- signed bundles
@@ -256,9 +253,11 @@ def test_keys_and_tokens_never_in_logs(
 ) -> None:
     """Valid, refused and unauthenticated traffic, and an agent run with a token; then grep both
     sides' logs for every secret in play, in the encodings a careless log line would use."""
-    pending = [rel_edge.request(calm_feeds, CALM_CUT) for _ in range(3)]
-    _send(token_service, "dev-a", [f for p in pending for f in p.frames])
-    _send(token_service, "dev-a", rel_edge.request(calm_feeds, CALM_CUT, model=OTHER_MODEL).frames)
+    as_a = _as(token_service, "dev-a")
+    pending = [rel_edge.request(calm_feeds, CALM_CUT, **as_a) for _ in range(3)]
+    assert _send(token_service, "dev-a", [f for p in pending for f in p.frames]) == ["OK"] * 3
+    other = rel_edge.request(calm_feeds, CALM_CUT, model=OTHER_MODEL, **as_a).frames
+    assert _send(token_service, "dev-a", other) == ["PERMISSION_DENIED"]
     bad = rel_edge.request(calm_feeds, CALM_CUT).frames
     bad[0].sealed = bad[0].sealed[:-1] + bytes([bad[0].sealed[-1] ^ 1])
     _send(token_service, "dev-b", bad)
@@ -299,7 +298,6 @@ def test_keys_and_tokens_never_in_logs(
     assert leaked == []
 
 
-@pytest.mark.xfail(strict=True, reason=LOG_FIELD_HOLE)
 def test_huge_fields_do_not_amplify_the_log(service: Service, rel_edge: EdgeClient) -> None:
     """A bad frame with 64 KiB request id and model costs the server's log a bounded line."""
     frame = pb.Frame(request_id="r" * (64 << 10), model="m" * (64 << 10), cut=CALM_CUT, chunk_count=1)
