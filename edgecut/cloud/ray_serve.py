@@ -13,6 +13,8 @@ What Ray Serve 2.60 gives and what it does not (verified by tests/integration/te
   not one frame, so `target_ongoing_requests` is streams (edge devices) per replica.
 - The proxy listens on `[::]:PORT` in plaintext: terminate TLS in front of it (a Kubernetes
   ingress or mesh). Device tokens still work: gRPC metadata reaches the replica.
+- Per-device limits (streams, in-flight requests, probe bytes) hold per replica, not per cluster;
+  the server-wide `max_concurrent_rpcs` is Ray's `max_ongoing_requests` here.
 - Ray Serve's own health service replaces `grpc.health.v1`; a new bundle needs a redeploy
   (`serve deploy` rolls replicas), since replicas load the bundles directory once at start.
 
@@ -32,8 +34,9 @@ from typing import Any
 
 import grpc
 
-from edgecut.cloud.config import ServeConfig
+from edgecut.cloud.config import ServeConfig, load_tokens
 from edgecut.errors import DependencyError, UsageError
+from edgecut.keys import load_service_private
 from edgecut.v1 import edgecut_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -106,14 +109,19 @@ class TailReplica:
         return await self._servicer.ServerInfo(request, _RayContext(grpc_context))
 
     async def __del__(self) -> None:
-        await self._ctx.batcher.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self, "_ctx"):  # Ray calls this even when __init__ failed
+            await self._ctx.batcher.close()
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _RayContext:
-    """The two `grpc.aio.ServicerContext` calls the servicer makes, on Ray's serializable context.
+    """The `grpc.aio.ServicerContext` calls the servicer makes, on Ray's serializable context.
 
-    Ray has no `abort`: a status set on its context and then an exception is what its proxy sends.
+    Callers are identified as under `cloud serve`: by their bearer token (the device identity
+    bound into the HPKE info), anonymous without one. No client certificate reaches a replica
+    (TLS ends in front of Ray's plaintext proxy), so `auth_context` is empty rather than the
+    proxy's. Ray has no `abort`: a status set on its context and then an exception is what its
+    proxy sends.
     """
 
     def __init__(self, context: Any) -> None:
@@ -121,6 +129,12 @@ class _RayContext:
 
     def invocation_metadata(self) -> list[tuple[str, str]]:
         return list(self._context.invocation_metadata())
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
+
+    def peer(self) -> str:
+        return str(self._context.peer() or "unknown")  # the edge's address, as Ray's proxy saw it
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self._context.set_code(code)
@@ -142,6 +156,7 @@ def build_app(args: Mapping[str, Any]) -> Any:
     serve_args, scaling_args = _split(args)
     config = ServeConfig.from_mapping(serve_args, source="ray app")
     _check_ray_fit(config)
+    _check_secrets(config)
     scaling = RayScaling(**scaling_args)
     return serve.deployment(TailReplica).options(**scaling.deployment_options()).bind(serve_args)
 
@@ -186,6 +201,19 @@ def _check_ray_fit(config: ServeConfig) -> None:
             "Ray replicas open no Prometheus port of their own (several would share a node)",
             hint="use Ray's metrics export",
         )
+    if config.max_concurrent_rpcs != ServeConfig.max_concurrent_rpcs:
+        raise UsageError(
+            "max_concurrent_rpcs bounds a gRPC server; replicas behind Ray's proxy have none",
+            hint="bound calls per replica with max_ongoing_requests",
+        )
+
+
+def _check_secrets(config: ServeConfig) -> None:
+    """Load the key and tokens as a replica will, so a bad or too-open file fails the deploy on
+    the driver with its own message, not as Ray's "Failed to update the deployments"."""
+    load_service_private(config.key)
+    if config.tokens:
+        load_tokens(config.tokens)
 
 
 def _wait_for_signal() -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from support import EdgeClient, Stream
 
-from edgecut import framing
+from edgecut import framing, sealing
 from edgecut.cli import main
 from edgecut.errors import UsageError
 from edgecut.keys import KeyPaths, key_id, load_service_public
@@ -43,6 +43,7 @@ def free_port() -> int:
 def ray_port(bundles_dir: Path, keys: KeyPaths, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     tokens = tmp_path_factory.mktemp("ray") / "tokens"
     tokens.write_text(f"{TOKEN} edge-1\n")
+    tokens.chmod(0o600)  # a readable tokens file is refused (it may have leaked)
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -74,6 +75,7 @@ def stub(ray_port: int) -> Iterator[edgecut_pb2_grpc.TailServiceStub]:
 
 
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
+IDENTITY = sealing.device_identity(TOKEN)  # what the edge binds into the seal, as under `cloud serve`
 
 
 def test_sealed_stream_through_ray_matches_the_unsplit_model(
@@ -82,7 +84,7 @@ def test_sealed_stream_through_ray_matches_the_unsplit_model(
     ids = [c.id for c in edge.manifest.cuts]
     cuts = [ids[len(ids) // 3], ids[2 * len(ids) // 3], ids[-1]]
     stream = Stream(stub, metadata=AUTH)
-    sent = [(edge.request(edge.frontier(p, cut), cut), p) for cut in cuts for p in photos]
+    sent = [(edge.request(edge.frontier(p, cut), cut, identity=IDENTITY), p) for cut in cuts for p in photos]
     for pending, _ in sent:  # all in flight at once: the replica batches them
         stream.send(pending)
     batch_sizes = []
@@ -100,11 +102,15 @@ def test_bad_request_fails_alone_and_the_stream_goes_on(
 ) -> None:
     cut = edge.manifest.cuts[-1].id
     stream = Stream(stub, metadata=AUTH)
-    bad = edge.request(edge.frontier(photos[0], cut), cut, model="no-such-model")
-    good = edge.request(edge.frontier(photos[0], cut), cut)
+    bad = edge.request(edge.frontier(photos[0], cut), cut, model="no-such-model", identity=IDENTITY)
+    anonymous = edge.request(edge.frontier(photos[0], cut), cut)  # sealed for no token: not this caller
+    good = edge.request(edge.frontier(photos[0], cut), cut, identity=IDENTITY)
     stream.send(bad)
+    stream.send(anonymous)
     stream.send(good)
     assert stream.recv(bad.binding.request_id).code == CODE["NOT_FOUND"]
+    refused = stream.recv(anonymous.binding.request_id)
+    assert refused.code == CODE["UNAUTHENTICATED"] and "did not open" in refused.message
     assert edge.result(stream.recv(good.binding.request_id), good)
     stream.close()
 
@@ -122,6 +128,7 @@ def test_missing_token_is_refused_with_unauthenticated(stub: Any, edge: EdgeClie
 
 def test_server_info_and_probe_through_ray(stub: Any, keys: KeyPaths, edge: EdgeClient) -> None:
     info = stub.ServerInfo(pb.ServerInfoRequest(), metadata=AUTH)
+    assert info.identity == IDENTITY  # the replica identifies the caller by its token
     assert [m.name for m in info.models] == [edge.manifest.model]
     assert info.key_id == key_id(load_service_public(keys.service_pub))
     assert (
@@ -129,7 +136,9 @@ def test_server_info_and_probe_through_ray(stub: Any, keys: KeyPaths, edge: Edge
     )
 
 
-def test_bad_app_arguments_fail_before_any_replica_starts(bundles_dir: Path, keys: KeyPaths) -> None:
+def test_bad_app_arguments_fail_before_any_replica_starts(
+    bundles_dir: Path, keys: KeyPaths, tmp_path: Path
+) -> None:
     base = {"bundles": str(bundles_dir), "key": str(keys.service_key)}
     with pytest.raises(UsageError, match="max_batch"):
         ray_serve.build_app({**base, "max_batch": "0"})
@@ -139,6 +148,13 @@ def test_bad_app_arguments_fail_before_any_replica_starts(bundles_dir: Path, key
         ray_serve.build_app({**base, "threads": "many"})
     with pytest.raises(UsageError, match="Prometheus"):  # replicas would ignore it silently
         ray_serve.build_app({**base, "metrics_port": 9100})
+    with pytest.raises(UsageError, match="max_concurrent_rpcs"):
+        ray_serve.build_app({**base, "max_concurrent_rpcs": "10"})
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN} edge-1\n")
+    tokens.chmod(0o644)
+    with pytest.raises(UsageError, match="accessible to group or others"):  # not a replica crash
+        ray_serve.build_app({**base, "tokens": str(tokens)})
 
 
 def test_cli_rejects_bad_ray_flags_with_one_line(
