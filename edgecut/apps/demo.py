@@ -71,13 +71,14 @@ def run_demo(console: Console) -> list[Result]:
     """Do the whole demo and return the agent's results (for the table)."""
     from edgecut.edge.agent import image_input
     from edgecut.edge.startup import EdgeConfig, start_agent
-    from edgecut.images import sample_photos
+    from edgecut.images import HELDOUT_PHOTOS, sample_photos
     from edgecut.keys import generate_keys
 
     with console.status("partitioning EfficientNet-Lite0 (cached after the first run)…"):
         bundle = cached_bundle(cache_dir())
     console.log(f"bundle {bundle.name}: {len(bundle.manifest.cuts)} cuts at {bundle.root}")
-    photos = sample_photos()
+    # The cat first, then the photos calibration never saw: seven rows per cut, not all 17 photos.
+    photos = sample_photos(("chelsea", *HELDOUT_PHOTOS))
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="edgecut-demo-") as tmp, contextlib.ExitStack() as stack:
         keys = generate_keys(Path(tmp) / "keys")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from edgecut.bundle import SIGNATURE, Bundle, Manifest, load_bundle, sha256_file, write_manifest
-from edgecut.codec import Calibration, CodecSpec
+from edgecut.codec import CodecSpec, calibration_for
 from edgecut.errors import DependencyError, UsageError
 from edgecut.partition.calibrate import (
     CALIBRATION_AUGMENT,
@@ -81,7 +81,7 @@ def quantize_bundle(
         files[seg.file] = rel
     int8_chains = [SegmentChain.from_files([bundle.path(r)], OrtOptions(threads=1)) for r in files.values()]
     heldout = augmented_inputs(heldout_photos, m.preprocess, heldout_count, HELDOUT_AUGMENT, seed + 1)
-    agreement = measure_agreement(m, chains, int8_chains, heldout)
+    agreement = measure_agreement(bundle, chains, int8_chains, heldout)
     latency = profile_heads(bundle, list(files.values()), frontiers)
     cuts = [
         _cut_row(bundle, list(files.values()), c.id, agreement[c.id], latency, budget)
@@ -173,12 +173,13 @@ def _quiet_root_logger() -> Iterator[None]:
 
 
 def measure_agreement(
-    m: Manifest,
+    bundle: Bundle,
     chains: Sequence[SegmentChain],
     int8_chains: Sequence[SegmentChain],
     inputs: np.ndarray,
 ) -> dict[str, dict[str, float]]:
     """Per cut: {"none": agreement of int8 head + float tail, codec: ... through that codec}."""
+    m = bundle.manifest
     out_name = m.outputs[0].name
     reference = run_chain(chains, {m.inputs[0].name: inputs}, m.batchable)[out_name]
     frontier: dict[str, np.ndarray] = {m.inputs[0].name: inputs}
@@ -188,9 +189,8 @@ def measure_agreement(
         head_out = {t.name: frontier[t.name] for t in cut.frontier}
         logits = run_chain(chains[cut.depth :], head_out, m.batchable)[out_name]
         rows = {"none": _agree(logits, reference)}
+        cal = calibration_for(bundle, cut.id)  # ranges and the pca bottlenecks
         for codec in _codecs(m, cut.id):
-            raw = m.calibration.get(cut.id)
-            cal = Calibration.from_json(raw) if raw else None
             _, decoded = round_trip(m, cut.id, head_out, CodecSpec.parse(codec), cal)
             rows[codec] = _agree(run_chain(chains[cut.depth :], decoded, m.batchable)[out_name], reference)
         result[cut.id] = rows
@@ -201,7 +201,9 @@ def _codecs(m: Manifest, cut_id: str) -> list[str]:
     if cut_id == m.cuts[-1].id:
         return []
     return [
-        str(r["codec"]) for r in m.fidelity if r["cut"] == cut_id and not str(r["codec"]).startswith("jpeg")
+        str(r["codec"])
+        for r in m.fidelity
+        if r["cut"] == cut_id and not CodecSpec.parse(str(r["codec"])).is_image
     ]
 
 

@@ -63,7 +63,7 @@ def test_cost_model_uses_the_answer_format_the_agent_asks_for(
     predicted = costs[("c11", "int8")].bytes_down
     assert predicted == answer_bytes(bundle.manifest.outputs, AnswerSpec())
     assert measured <= predicted <= measured + 32  # the Answer message's own fields on top
-    full = cut_costs(bundle, load_profile(PROFILE), CloudTimes({}), ["int8"], AnswerSpec("full"))
+    full = cut_costs(bundle, load_profile(PROFILE), CloudTimes({}), ["int8"], answer=AnswerSpec("full"))
     assert all(c.bytes_down > 4000 for c in full if c.cut != "output")
 
 

@@ -30,6 +30,7 @@ def edge_profile(effl0_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
 def secured(tail_server: Any, pki: Path, tmp_path: Path) -> Any:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{TOKEN} planner\n")
+    tokens.chmod(0o600)
     with tail_server(
         tls_cert=pki / "server.crt", tls_key=pki / "server.key", client_ca=pki / "ca.crt", tokens=tokens
     ) as server:

@@ -323,7 +323,9 @@ def test_edge_import_path_pulls_no_torch_onnx_cloud_or_partition() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_demo_runs_end_to_end(effl0_bundle: Path, tmp_path: Path, reference: list[int]) -> None:
+def test_demo_runs_end_to_end(
+    effl0_bundle: Path, tmp_path: Path, photos: list[tuple[str, np.ndarray]], reference: list[int]
+) -> None:
     cache = tmp_path / "cache"
     shutil.copytree(effl0_bundle, cache / "edgecut" / "bundles" / "effl0")  # reused, not rebuilt
     env = {**os.environ, "XDG_CACHE_HOME": str(cache), "COLUMNS": "200"}
@@ -332,6 +334,6 @@ def test_demo_runs_end_to_end(effl0_bundle: Path, tmp_path: Path, reference: lis
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     labels = load_bundle(effl0_bundle).labels()
-    cat = reference[0]  # chelsea, the cat
+    cat = reference[[name for name, _ in photos].index("chelsea")]  # the demo's first photo, the cat
     assert (labels[cat] if labels else f"class {cat}") in proc.stdout
     assert "21 results, 0 failed" in proc.stdout
