@@ -48,7 +48,7 @@ def profiles(effl0_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
                 "--scale",
                 "5",
                 "--source",
-                "Pi 4 ~ 5x one core here (DESIGN.md)",
+                "Pi 4 ~ 5x one core here (docs/architecture.md)",
                 "--device",
                 "pi4",
             ]
@@ -82,7 +82,7 @@ def _plan(capsys: pytest.CaptureFixture[str], bundle: Path, profiles: tuple[Path
 
 def test_profile_is_complete_and_labelled(effl0_bundle: Path, profiles: tuple[Path, Path]) -> None:
     pi, here = (load_profile(p) for p in profiles)
-    assert pi.mode == "scaled" and pi.scale == 5 and "DESIGN.md" in pi.source
+    assert pi.mode == "scaled" and pi.scale == 5 and "docs/architecture.md" in pi.source
     assert here.mode == "measured"
     assert len(here.segments) == len(json.loads((effl0_bundle / "manifest.json").read_text())["segments"])
     assert {c.cut for c in here.codecs} >= {"input", "c01"}
