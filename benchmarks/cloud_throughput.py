@@ -70,7 +70,7 @@ def start_server(bundles: Path, key: Path, batching: bool, threads: int) -> subp
         "serve",
         "--bundles",
         str(bundles),
-        "--key",
+        "--service-key",
         str(key),
         "--port",
         "0",

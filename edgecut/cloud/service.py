@@ -604,7 +604,8 @@ async def serve(
     config: ServeConfig,
     on_ready: Callable[[str, int], None] = lambda h, p: None,
 ) -> int:
-    """Run until SIGTERM/SIGINT, then drain for `config.grace_s` and return 0."""
+    """Run until SIGTERM/SIGINT, then drain for `config.grace_s`; return 0, or 130 after Ctrl-C
+    (SIGINT), the exit status every edgecut verb gives when interrupted."""
     server, port = await create_server(config)
     try:
         await server.start()
@@ -613,12 +614,18 @@ async def serve(
         raise
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def stop(sig: int) -> None:
+        received.append(sig)
+        stopping.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, stop, sig)
     log.info("serving %d bundle(s) on %s:%d", len(server.registry.entries()), config.host, port)
     on_ready(config.host, port)
     await stopping.wait()
     log.info("shutting down: draining in-flight requests for up to %.1f s", config.grace_s)
     await server.stop()
     log.info("stopped")
-    return 0
+    return 130 if received[:1] == [signal.SIGINT] else 0

@@ -62,7 +62,7 @@ class SweepConfig:
         if self.requests < 1 or self.warmup < 0:
             raise UsageError(f"--requests must be >= 1 and --warmup >= 0, got {self.requests}, {self.warmup}")
         if self.cloud is None and (self.token or self.tls_ca or self.tls_cert or self.tls_key):
-            raise UsageError("--token and --tls-* reach a running service: they need --cloud")
+            raise UsageError("--token and --tls-* reach a running service: they need --server")
         if self.edge_threads < 0 or self.cloud_threads < 0:
             raise UsageError("thread counts must be >= 0")
 
@@ -107,7 +107,7 @@ class SweepConfig:
         if self.pace:
             args.append("--pace")
         if self.cloud is not None:
-            args += ["--cloud", self.cloud, "--server-key", str(self.server_key)]
+            args += ["--server", self.cloud, "--server-key", str(self.server_key)]
             for flag, path in (
                 ("--tls-ca", self.tls_ca),
                 ("--tls-cert", self.tls_cert),
@@ -115,7 +115,7 @@ class SweepConfig:
             ):
                 args += [flag, str(path)] if path is not None else []  # the token is never recorded
         else:
-            args += ["--cloud-threads", str(self.cloud_threads)]
+            args += ["--server-threads", str(self.cloud_threads)]
         if self.images is not None:
             args += ["--images", str(self.images)]
         return shlex.join(args)
