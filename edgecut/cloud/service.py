@@ -37,7 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgecut import __version__, answers, codec, framing, sealing
-from edgecut.bundle import Bundle, Cut
+from edgecut.bundle import Bundle, Cut, Segment
 from edgecut.cloud.admission import (
     PROBE_OVERHEAD_BYTES,
     PROBE_REPLY_FLOOR_BYTES,
@@ -414,7 +414,7 @@ def _model_info(entry: Entry) -> pb.ModelInfo:
         pb.CutInfo(
             id=cut.id,
             depth=cut.depth,
-            tail=[_profile(s.file, timings) for s in manifest.tail(cut.id)],
+            tail=[_profile(s, timings) for s in manifest.tail(cut.id)],
             decode_ms=decode.get(cut.id, 0.0),
         )
         for cut in manifest.cuts
@@ -424,8 +424,8 @@ def _model_info(entry: Entry) -> pb.ModelInfo:
     )
 
 
-def _profile(file: str, timings: dict[str, Any]) -> pb.SegmentProfile:
-    name = file.rsplit("/", 1)[-1].removesuffix(".onnx")
+def _profile(segment: Segment, timings: dict[str, Any]) -> pb.SegmentProfile:
+    name = segment.name
     timing = timings.get(name)
     return pb.SegmentProfile(segment=name, latency_ms=timing.latency_ms if timing else 0.0)
 

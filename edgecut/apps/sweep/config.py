@@ -20,7 +20,6 @@ from edgecut import credentials
 from edgecut.apps.sweep.records import Cell, Link
 from edgecut.bundle import Bundle, Manifest
 from edgecut.codec import CodecSpec
-from edgecut.costs import segment_name
 from edgecut.credentials import ClientCredentials
 from edgecut.errors import ProfileError, UsageError
 from edgecut.netem import parse_bandwidth, parse_duration_ms
@@ -184,7 +183,7 @@ def resolve_profile(bundle: Bundle, path: Path | None) -> tuple[Profile, Path]:
     if profile.model != m.model:
         raise ProfileError(f"profile {path} is for model '{profile.model}', the bundle is '{m.model}'")
     for segment in m.segments:
-        profile.segment_ms(segment_name(segment.file))  # a missing segment is one clear error
+        profile.segment_ms(segment.name)  # a missing segment is one clear error
     if profile.manifest_sha256 != bundle.manifest_sha256:
         log.warning(
             "profile %s was measured on another build of %s (manifest sha differs); "
