@@ -38,7 +38,7 @@ def profile_segments(
         runner.run(feeds, 0, n - 1)
     samples = [runner.run(feeds, 0, n - 1).timings_ms for _ in range(runs)]
     return tuple(
-        SegmentTiming(s.name, statistics.median(col), _p90(col), runs)
+        SegmentTiming.measured(s.name, col)
         for s, col in zip(bundle.manifest.segments, zip(*samples, strict=True), strict=True)
     )
 
@@ -136,7 +136,3 @@ def _median_ms(fn: Callable[[], object], runs: int) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def _p90(values: Sequence[float]) -> float:
-    return float(np.percentile(values, 90))
