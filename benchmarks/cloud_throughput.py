@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ import numpy as np
 from edgecut import codec, framing
 from edgecut.bundle import Bundle, load_bundle
 from edgecut.cloud.executor import OrtExecutor
+from edgecut.cloud.spawn import tail_service
 from edgecut.images import prepare, sample_photos
 from edgecut.keys import ServicePublicKey, generate_keys, load_service_public
 from edgecut.runtime import OrtOptions, SegmentChain
@@ -56,33 +56,11 @@ def payloads(bundle: Bundle, cut: str) -> tuple[list[bytes], list[dict[str, np.n
     return [codec.encode(f, frontier, WIRE_CODEC) for f in feeds], feeds
 
 
-def start_server(bundles: Path, key: Path, batching: bool, threads: int) -> subprocess.Popen[str]:
-    knobs = (
-        ["--max-batch", "8", "--max-queue-delay-ms", "2"]
-        if batching
-        else ["--max-batch", "1", "--max-queue-delay-ms", "0"]
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "edgecut.cli",
-        "cloud",
-        "serve",
-        "--bundles",
-        str(bundles),
-        "--key",
-        str(key),
-        "--port",
-        "0",
-        "--threads",
-        str(threads),
-        "--poll-interval-s",
-        "0",
-        "--max-queue",
-        "1024",
-        *knobs,
-    ]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def server_knobs(batching: bool, threads: int) -> list[str]:
+    """`cloud serve` flags beyond what `edgecut.cloud.spawn.tail_service` passes."""
+    batch = ["--max-batch", "8", "--max-queue-delay-ms", "2"] if batching else ["--max-batch", "1"]
+    batch += [] if batching else ["--max-queue-delay-ms", "0"]
+    return ["--threads", str(threads), "--max-queue", "1024", *batch]
 
 
 async def one_stream(
@@ -189,18 +167,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     bodies, feeds = payloads(bundle, cut)
     rows = []
     for batching in (False, True):
-        server = start_server(bundles, keys.service_key, batching, args.threads)
-        try:
-            line = server.stdout.readline() if server.stdout else ""
-            if not line.startswith("listening "):
-                raise RuntimeError(f"server did not start: {line!r}")
+        with tail_service(bundles, keys.service_key, *server_knobs(batching, args.threads)) as address:
             for streams in args.streams:
-                row = asyncio.run(drive(line.split()[1], streams, args.seconds, bundle, cut, public, bodies))
+                row = asyncio.run(drive(address, streams, args.seconds, bundle, cut, public, bodies))
                 rows.append({"streams": streams, "batching": batching, **row})
                 print_row(rows[-1])
-        finally:
-            server.terminate()
-            server.wait(30)
     reference = in_process(bundle, cut, feeds, args.threads, 8, args.seconds)
     best = max(r["throughput_rps"] for r in rows if r["batching"])
     return {

@@ -5,12 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 edgecut partition efficientnet-lite0 -o bundles/effl0 --calibrate builtin --force
-edgecut profile bundles/effl0 --threads 1 --codecs int8,int4,jpeg90 --device this-machine-1t \
+edgecut profile bundles/effl0 --threads 1 --codec int8,int4,jpeg90 --device-name this-machine-1t \
     --runs 50 --out benchmarks/profiles/this-machine-1t.json
 python -c "from edgecut.profile import load_profile as l, save_profile as s; \
-s(l('benchmarks/profiles/this-machine-1t.json').scaled(5, 'pi4-scaled-5x', 'this-machine-1t.json x 5: EfficientNet-Lite0 is ~49 ms on a Raspberry Pi 4 CPU under TFLite (published hobbyist benchmark) vs 9.2 ms on one core of this machine under ONNX Runtime (DESIGN.md)'), 'benchmarks/profiles/pi4-scaled-5x.json')"
+s(l('benchmarks/profiles/this-machine-1t.json').scaled(5, 'pi4-scaled-5x', 'this-machine-1t.json x 5: EfficientNet-Lite0 is ~49 ms on a Raspberry Pi 4 CPU under TFLite (published hobbyist benchmark) vs 9.2 ms on one core of this machine under ONNX Runtime (docs/architecture.md)'), 'benchmarks/profiles/pi4-scaled-5x.json')"
 edgecut partition efficientnet-lite2 -o bundles/effl2 --calibrate builtin --force
-edgecut profile bundles/effl2 --threads 1 --codecs int8,int4,jpeg90 --device this-machine-1t-loaded \
+edgecut profile bundles/effl2 --threads 1 --codec int8,int4,jpeg90 --device-name this-machine-1t-loaded \
     --runs 40 --out benchmarks/profiles/effl2-this-machine-1t-loaded.json
 python benchmarks/lite2_profile.py benchmarks/profiles/effl2-this-machine-1t-loaded.json \
     --out benchmarks/profiles/effl2-pi4-scaled.json

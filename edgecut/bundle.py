@@ -121,6 +121,11 @@ class Segment:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
 
+    @property
+    def name(self) -> str:
+        """The segment's name in profiles, timings and logs: its file's stem, e.g. "seg_003"."""
+        return Path(self.file).stem
+
 
 @dataclass(frozen=True)
 class Manifest:

@@ -44,10 +44,6 @@ class CloudTimes:
     cut_decode_ms: Mapping[str, float] = field(default_factory=dict)  # per cut, as the server served them
 
 
-def segment_name(file: str) -> str:
-    return file.rsplit("/", 1)[-1].removesuffix(".onnx")
-
-
 def cloud_times_from(profile: Profile) -> CloudTimes:
     return CloudTimes(
         {t.segment: t.latency_ms for t in profile.segments},
@@ -93,7 +89,7 @@ def _costs_at(
         vrow = variant.at(cut.id) if variant is not None else None
         if variant is not None and (cut.depth == 0 or vrow is None or not vrow.offered):
             continue  # no head to quantize, or the variant loses more than the accuracy budget
-        edge_ms = sum(edge.segment_ms(segment_name(s.file)) for s in m.head(cut.id))
+        edge_ms = sum(edge.segment_ms(s.name) for s in m.head(cut.id))
         mem = sum(bundle.size_bytes(s.file) for s in m.head(cut.id))
         head_drop = 0.0
         if vrow is not None:
@@ -103,7 +99,7 @@ def _costs_at(
                 CutCost(cut.id, cut.depth, "none", edge_ms, 0.0, 0.0, 0, 0, 0.0, mem, head_drop, precision)
             )
             continue
-        cloud_ms = sum(_cloud_ms(cloud, edge, segment_name(s.file)) for s in m.tail(cut.id))
+        cloud_ms = sum(_cloud_ms(cloud, edge, s.name) for s in m.tail(cut.id))
         for codec in _codecs_for(m, cut.id, codecs):
             timing = _codec_timing(edge, cut.id, codec)
             bytes_up, drop = _bytes_and_drop(m, cut.id, codec, timing, overhead)
@@ -137,7 +133,7 @@ def _variant_head(
     profile where that has the variant's segments ("int8/seg_003"); otherwise it is the float
     time scaled by the float/variant ratio profiled at partition time (another CPU: an estimate,
     Arm int8 kernels differ — profile the device)."""
-    names = [f"{precision}/{segment_name(s.file)}" for s in m.head(row.cut)]
+    names = [f"{precision}/{s.name}" for s in m.head(row.cut)]
     profiled = {t.segment for t in edge.segments}
     if all(n in profiled for n in names):
         ms = sum(edge.segment_ms(n) for n in names)

@@ -1,6 +1,6 @@
 """How a client reaches a tail service that wants TLS, a client certificate or a device token.
 
-`edgecut plan --cloud` and `edgecut bench sweep --cloud` take the flags `edgecut edge run` takes
+`edgecut plan --server` and `edgecut bench sweep --server` take the flags `edgecut edge run` takes
 (`--tls-ca`, `--tls-cert`, `--tls-key`, `--token` / `$EDGECUT_TOKEN`) and open their channel here,
 so every client of a production service authenticates the same way. No `--tls-ca`: plaintext.
 """

@@ -12,22 +12,25 @@ from rich.table import Table
 
 from edgecut.bundle import Bundle, load_bundle
 from edgecut.console import stdout_console
+from edgecut.flags import add_renamed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path)
     p.add_argument("--fidelity", action="store_true", help="show codec fidelity per cut")
-    p.add_argument("--key", type=Path, help="Ed25519 public key: also verify the signature")
+    add_renamed(
+        p, "--signing-pub", "--key", type=Path, help="bundle-signing public key: also verify the signature"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     key = None
-    if args.key is not None:
+    if args.signing_pub is not None:
         from edgecut.keys import load_signing_public
 
-        key = load_signing_public(args.key)
+        key = load_signing_public(args.signing_pub)
     bundle = load_bundle(args.bundle, public_key=key)
     if args.json:
         m = bundle.manifest.to_json()

@@ -400,7 +400,8 @@ class ThreadedLinkEmulator:
 def run_netem(
     listen: str, to: str, bandwidth: str | None, rtt: str | None, burst_bytes: int | None = None
 ) -> None:
-    """CLI body: proxy until Ctrl-C; the first stdout line is 'listening HOST:PORT'.
+    """CLI body: proxy until Ctrl-C (which propagates, so the CLI exits 130 as every verb does);
+    the first stdout line is 'listening HOST:PORT'.
 
     `burst_bytes` None = `paced_burst_bytes` of the bandwidth (what the sweep uses)."""
     link = LinkConfig.parse(bandwidth, rtt)
@@ -416,5 +417,4 @@ def run_netem(
         finally:
             await emulator.stop()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+    asyncio.run(serve())

@@ -1,4 +1,4 @@
-"""`edgecut plan BUNDLE --edge-profile P (--cloud HOST:PORT | --cloud-profile P) --bandwidth 8mbit`."""
+"""`edgecut plan BUNDLE --edge-profile P (--server HOST:PORT | --server-profile P) --bandwidth 8mbit`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.table import Table
 from edgecut import credentials, serverinfo
 from edgecut.bundle import Manifest
 from edgecut.console import stdout_console
+from edgecut.flags import add_renamed, comma_list
 from edgecut.planner import Constraints, Plan
 
 
@@ -18,9 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path)
     p.add_argument("--edge-profile", type=Path, required=True)
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--cloud", metavar="HOST:PORT", help="ask a tail service (ServerInfo)")
-    where.add_argument("--cloud-profile", type=Path, help="a profile recorded on the server")
-    credentials.add_arguments(p.add_argument_group("with --cloud: TLS and device token"))
+    add_renamed(where, "--server", "--cloud", metavar="HOST:PORT", help="ask a tail service (ServerInfo)")
+    add_renamed(
+        where, "--server-profile", "--cloud-profile", type=Path, help="a profile recorded on the server"
+    )
+    credentials.add_arguments(p.add_argument_group("with --server: TLS and device token"))
     p.add_argument("--bandwidth", required=True, help="e.g. 8mbit, 512kbit (both directions)")
     p.add_argument("--rtt", default="0ms", help="round-trip time, e.g. 40ms")
     p.add_argument("--queue-ms", type=float, default=0.0, help="server queue delay to assume")
@@ -34,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--codec",
         default="int8-channel",
-        help="codec(s), comma separated, tried at every cut (the input also tries jpeg90 unless an "
+        help="codecs to compare, comma separated, tried at every cut (the input also tries jpeg90 unless an "
         "image codec is given)",
     )
     p.add_argument(
@@ -47,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--key-suite",
         default="x25519",
         choices=["x25519", "mlkem768-x25519"],
-        help="with --cloud-profile: the service key's suite (sets the seal overhead; --cloud asks)",
+        help="with --server-profile: the service key's suite (sets the seal overhead; --server asks)",
     )
     p.add_argument(
         "--precision",
@@ -68,11 +71,11 @@ def run(args: argparse.Namespace) -> int:
 
     bundle = load_bundle(args.bundle)
     link = LinkConfig.parse(args.bandwidth, args.rtt)
-    if args.cloud_profile:
-        cloud, suite = cloud_times_from(load_profile(args.cloud_profile)), args.key_suite
+    if args.server_profile:
+        cloud, suite = cloud_times_from(load_profile(args.server_profile)), args.key_suite
     else:
         info = serverinfo.ask(
-            args.cloud,
+            args.server,
             bundle.manifest.model,
             bundle.manifest.version,
             credentials=credentials.from_args(args),
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         cloud, suite = info.times, info.key_suite
     precisions = _precisions(bundle.manifest, args.precision)
     costs = cut_costs(
-        bundle, load_profile(args.edge_profile), cloud, args.codec.split(","), precisions, suite=suite
+        bundle, load_profile(args.edge_profile), cloud, comma_list(args.codec), precisions, suite=suite
     )
     constraints = Constraints(args.min_cut, args.max_edge_mem, parse_accuracy_budget(args.max_accuracy_drop))
     result = plan(

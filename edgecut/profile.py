@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgecut.errors import ProfileError
 
@@ -35,6 +37,14 @@ class SegmentTiming:
     p90_ms: float  # 90th percentile over `runs`
     runs: int  # timed runs, warm-up excluded
     peak_mem_bytes: int | None = None  # peak resident memory while running it, if measured
+
+    @classmethod
+    def measured(cls, segment: str, samples_ms: Iterable[float]) -> SegmentTiming:
+        """Median and p90 of timed runs (warm-up already excluded), as every profiler reports them."""
+        samples = list(samples_ms)
+        if not samples:
+            return cls(segment, 0.0, 0.0, 0)
+        return cls(segment, percentile(samples, 50), percentile(samples, 90), len(samples))
 
 
 @dataclass(frozen=True)
@@ -194,6 +204,13 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """The one percentile definition in edgecut (p50, p90, p99 of timings): numpy's linear
+    interpolation between closest ranks, so the edge profiler and the tail service report
+    comparable figures. `q` is in 0..100."""
+    return float(np.percentile(np.fromiter(values, float), q))
 
 
 def _segment_timing(d: Mapping[str, Any], where: str) -> SegmentTiming:

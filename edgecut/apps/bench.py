@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgecut import credentials
+from edgecut.flags import REMOVED_IN, add_renamed
 
 if TYPE_CHECKING:
     from edgecut.apps.sweep.records import Measurement, RunInfo
@@ -49,16 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replay edge compute at the profile's speed (rows say paced:<device>)",
     )
     p.add_argument("--edge-threads", type=int, default=1, help="edge ORT threads (default 1)")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--cloud", metavar="HOST:PORT", help="a running tail service")
-    where.add_argument(
-        "--spawn-cloud",
-        action="store_true",
-        help="spawn a tail service on 127.0.0.1 for the run (the default)",
+    add_renamed(
+        p,
+        "--server",
+        "--cloud",
+        metavar="HOST:PORT",
+        help="a running tail service (default: spawn one on 127.0.0.1 for the run)",
     )
-    p.add_argument("--server-key", type=Path, help="with --cloud: its service.pub")
-    credentials.add_arguments(p.add_argument_group("with --cloud: TLS and device token"))
-    p.add_argument(
+    p.add_argument("--spawn-cloud", action=_SpawnIsDefault, nargs=0, help=argparse.SUPPRESS)
+    p.add_argument("--server-key", type=Path, help="with --server: its service.pub")
+    credentials.add_arguments(p.add_argument_group("with --server: TLS and device token"))
+    add_renamed(
+        p,
+        "--server-threads",
         "--cloud-threads",
         type=int,
         default=1,
@@ -78,6 +83,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("out", type=Path, help="the sweep's output directory")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
     r.set_defaults(func=run_report)
+
+
+class _SpawnIsDefault(argparse.Action):
+    """`--spawn-cloud` (0.1) asked for what happens anyway without --server: accepted, with a warning."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        print(
+            f"warning: --spawn-cloud is deprecated and goes in {REMOVED_IN}: a service is spawned "
+            "whenever --server is not given",
+            file=sys.stderr,
+        )
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -103,13 +119,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
         edge_profile=args.edge_profile,
         pace=args.pace,
         edge_threads=args.edge_threads,
-        cloud=args.cloud,
+        cloud=args.server,
         server_key=args.server_key,
         token=args.token,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        cloud_threads=args.cloud_threads,
+        cloud_threads=args.server_threads,
         images=args.images,
         warmup=value["warmup"],
         requests=value["requests"],
@@ -144,7 +160,11 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def publish(info: RunInfo, rows: list[Measurement], out: Path, as_json: bool) -> int:
-    """Summary into results.json, the three PNGs, and the table (or JSON) on stdout."""
+    """Summary into results.json, the three PNGs, and the table (or JSON) on stdout.
+
+    The PNGs need matplotlib (the `bench` extra), which the demo install lacks: without it the
+    results and the summary still come out, and one warning says how to get the plots.
+    """
     from edgecut.apps.sweep import plots, records, report
     from edgecut.console import stdout_console
 
@@ -154,7 +174,8 @@ def publish(info: RunInfo, rows: list[Measurement], out: Path, as_json: bool) ->
     records.save_json(info, summary, rows, out / "results.json")
     planned = "" if info.mode.startswith("paced") else f", planned with {info.edge_profile['device']}"
     subtitle = f"{info.model}, edge {info.mode}{planned}, cloud {info.cloud['threads']} thread(s)"
-    pngs = plots.save_all(cells, links, out, subtitle)
+    can_plot = _can_plot()
+    pngs = plots.save_all(cells, links, out, subtitle) if can_plot else []
     if as_json:
         print(
             json.dumps(
@@ -180,10 +201,24 @@ def publish(info: RunInfo, rows: list[Measurement], out: Path, as_json: bool) ->
             console.print(line, highlight=False)
         console.print(
             f"{len(rows)} requests in {info.wall_s:.0f} s → {out}/results.csv, "
-            f"results.json, {', '.join(p.name for p in pngs)}",
+            + ", ".join(["results.json", *(p.name for p in pngs)]),
             highlight=False,
+        )
+    if not can_plot:
+        print(
+            "warning: plots skipped: matplotlib is not installed; "
+            f'pip install "edgecut[bench]", then `edgecut bench report {out}` draws them',
+            file=sys.stderr,
         )
     failed = summary["totals"]["failed_requests"]
     if failed:
         log.error("%d request(s) failed; see the error column of results.csv", failed)
     return 1 if failed else 0
+
+
+def _can_plot() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

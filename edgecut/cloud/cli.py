@@ -13,6 +13,7 @@ from typing import Any
 
 from edgecut.cloud.config import ServeConfig
 from edgecut.errors import UsageError
+from edgecut.flags import add_renamed
 
 # flag dest -> ServeConfig field, for flags whose value passes straight through
 _FIELDS = (
@@ -41,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("serve", help="serve tail segments of the bundles in a directory")
     p.add_argument("--config", type=Path, help="TOML file of ServeConfig fields; flags override it")
     p.add_argument("--bundles", type=Path, help="directory of bundles (one per subdirectory)")
-    p.add_argument("--key", type=Path, help="service HPKE private key (keys/service.key)")
+    add_renamed(
+        p, "--service-key", "--key", dest="key", type=Path, help="service HPKE private key (keys/service.key)"
+    )
     p.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="where tail segments run (default cpu)")
@@ -86,9 +89,12 @@ def run(args: argparse.Namespace) -> int:
         from edgecut.cloud import ray_serve
 
         return ray_serve.run(config_from_args(args), _ray_scaling(args, ray_serve.RayScaling), on_ready=ready)
+    from edgecut.cloud.config import require_cuda
     from edgecut.cloud.service import serve  # grpc and ORT load only when serving
 
-    return asyncio.run(serve(config_from_args(args), on_ready=ready))
+    config = config_from_args(args)
+    require_cuda(config)
+    return asyncio.run(serve(config, on_ready=ready))
 
 
 def _ray_scaling(args: argparse.Namespace, scaling: Any) -> Any:

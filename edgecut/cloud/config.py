@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecut.bundle import Manifest
-from edgecut.errors import UsageError
+from edgecut.errors import DependencyError, UsageError
 from edgecut.framing import MAX_DECODED_BYTES, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
 from edgecut.runtime import PROVIDERS
 from edgecut.sealing import token_digest
@@ -106,13 +106,29 @@ class ServeConfig:
         }
         if "providers" in values:
             values["providers"] = tuple(values["providers"])
-        for required in ("bundles", "key"):
+        for required, flag in (("bundles", "--bundles"), ("key", "--service-key")):
             if values.get(required) is None:
-                raise UsageError(f"{source}: '{required}' is required")
+                raise UsageError(f"{source}: '{required}' is required ({flag} on the command line)")
         try:
             return cls(**values)
         except TypeError as exc:
             raise UsageError(f"{source}: {exc}") from None
+
+
+def require_cuda(c: ServeConfig) -> None:
+    """`device = "cuda"` must run on the GPU: refused before serving, rather than quietly served on
+    the CPU. Not part of validation: a config is also checked offline (deploy files), on machines
+    without a GPU."""
+    if c.device != "cuda" or c.providers:
+        return
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if PROVIDERS["cuda"] not in available:
+        raise DependencyError(
+            f"--device cuda: this onnxruntime build has no CUDA support (it offers {', '.join(available)})",
+            hint="install onnxruntime-gpu in place of onnxruntime, or serve with --device cpu",
+        )
 
 
 def _validate(c: ServeConfig) -> None:

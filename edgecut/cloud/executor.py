@@ -12,12 +12,10 @@ and would add a 2 GB dependency for the same kernels the CUDA EP runs.
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -80,7 +78,7 @@ class OrtExecutor:
         for segment in manifest.segments:
             session = self._session(bundle, segment)
             feeds = {name: env[name] for name in segment.inputs}
-            timings[Path(segment.file).stem] = _time(session, segment, feeds, runs)
+            timings[segment.name] = _time(session, segment, feeds, runs)
             env.update(zip(segment.outputs, session.run(list(segment.outputs), feeds), strict=True))
         return timings
 
@@ -123,11 +121,7 @@ def _time(
         t0 = time.perf_counter()
         session.run(names, feeds)
         samples.append((time.perf_counter() - t0) * 1e3)
-    if not samples:
-        return SegmentTiming(Path(segment.file).stem, 0.0, 0.0, 0)
-    ordered = sorted(samples)
-    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-    return SegmentTiming(Path(segment.file).stem, statistics.median(samples), p90, runs)
+    return SegmentTiming.measured(segment.name, samples)
 
 
 def _describe(options: OrtOptions) -> str:

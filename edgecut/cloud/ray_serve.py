@@ -18,7 +18,7 @@ What Ray Serve 2.60 gives and what it does not (verified by tests/integration/te
 - Ray Serve's own health service replaces `grpc.health.v1`; a new bundle needs a redeploy
   (`serve deploy` rolls replicas), since replicas load the bundles directory once at start.
 
-Run it: `edgecut cloud serve --ray --bundles … --key …`, or `serve run deploy/ray/serve.yaml`.
+Run it: `edgecut cloud serve --ray --bundles … --service-key …`, or `serve run deploy/ray/serve.yaml`.
 """
 
 from __future__ import annotations

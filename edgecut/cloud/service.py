@@ -37,7 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgecut import __version__, answers, codec, framing, sealing
-from edgecut.bundle import Bundle, Cut
+from edgecut.bundle import Bundle, Cut, Segment
 from edgecut.cloud.admission import (
     PROBE_OVERHEAD_BYTES,
     PROBE_REPLY_FLOOR_BYTES,
@@ -414,7 +414,7 @@ def _model_info(entry: Entry) -> pb.ModelInfo:
         pb.CutInfo(
             id=cut.id,
             depth=cut.depth,
-            tail=[_profile(s.file, timings) for s in manifest.tail(cut.id)],
+            tail=[_profile(s, timings) for s in manifest.tail(cut.id)],
             decode_ms=decode.get(cut.id, 0.0),
         )
         for cut in manifest.cuts
@@ -424,8 +424,8 @@ def _model_info(entry: Entry) -> pb.ModelInfo:
     )
 
 
-def _profile(file: str, timings: dict[str, Any]) -> pb.SegmentProfile:
-    name = file.rsplit("/", 1)[-1].removesuffix(".onnx")
+def _profile(segment: Segment, timings: dict[str, Any]) -> pb.SegmentProfile:
+    name = segment.name
     timing = timings.get(name)
     return pb.SegmentProfile(segment=name, latency_ms=timing.latency_ms if timing else 0.0)
 
@@ -604,7 +604,8 @@ async def serve(
     config: ServeConfig,
     on_ready: Callable[[str, int], None] = lambda h, p: None,
 ) -> int:
-    """Run until SIGTERM/SIGINT, then drain for `config.grace_s` and return 0."""
+    """Run until SIGTERM/SIGINT, then drain for `config.grace_s`; return 0, or 130 after Ctrl-C
+    (SIGINT), the exit status every edgecut verb gives when interrupted."""
     server, port = await create_server(config)
     try:
         await server.start()
@@ -613,12 +614,18 @@ async def serve(
         raise
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def stop(sig: int) -> None:
+        received.append(sig)
+        stopping.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, stop, sig)
     log.info("serving %d bundle(s) on %s:%d", len(server.registry.entries()), config.host, port)
     on_ready(config.host, port)
     await stopping.wait()
     log.info("shutting down: draining in-flight requests for up to %.1f s", config.grace_s)
     await server.stop()
     log.info("stopped")
-    return 0
+    return 130 if received[:1] == [signal.SIGINT] else 0

@@ -40,7 +40,7 @@ def tail_process(bundles: Path, key: Path, *extra: str) -> Iterator[tuple[subpro
         "serve",
         "--bundles",
         str(bundles),
-        "--key",
+        "--service-key",
         str(key),
         "--port",
         "0",

@@ -33,17 +33,26 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
 
 def open_source(specs: Sequence[str], stdin: TextIO) -> Iterator[Input]:
-    """Inputs from `-` (paths on stdin), a directory, a video, `camera:N`, or a list of files."""
+    """Inputs from `-` (paths on stdin), a video, `camera:N`, or any mix of directories and files."""
     if list(specs) == ["-"]:
-        paths = (line.strip() for line in stdin)
-        return (file_input(i, p) for i, p in enumerate(p for p in paths if p))
-    if len(specs) == 1:
-        spec = specs[0]
-        if spec.startswith("camera:") or Path(spec).suffix.lower() in VIDEO_SUFFIXES:
-            return _frames(spec)
-        if Path(spec).is_dir():
-            return (file_input(i, str(p)) for i, p in enumerate(list_images(Path(spec))))
-    return (file_input(i, s) for i, s in enumerate(specs))
+        lines = (line.strip() for line in stdin)
+        return (file_input(i, p) for i, p in enumerate(p for p in lines if p))
+    streams = [s for s in specs if s == "-" or _is_stream(s)]
+    if streams and len(specs) == 1:
+        return _frames(specs[0])
+    if streams:
+        raise UsageError(
+            f"--source {streams[0]} must be the only source (got {len(specs)})",
+            hint="run one agent per video, camera or stdin",
+        )
+    paths: list[str] = []
+    for spec in specs:
+        paths += [str(p) for p in list_images(Path(spec))] if Path(spec).is_dir() else [spec]
+    return (file_input(i, p) for i, p in enumerate(paths))
+
+
+def _is_stream(spec: str) -> bool:
+    return spec.startswith("camera:") or Path(spec).suffix.lower() in VIDEO_SUFFIXES
 
 
 def _frames(spec: str) -> Iterator[Input]:
@@ -114,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a directory, files, '-' (paths on stdin), a video file or camera:N",
     )
     p.add_argument("--cut", default="auto", help="cut id, or 'auto' (planner; default)")
-    p.add_argument("--codec", default="int8", help="int8 (default), int4, fp16, none, jpeg90, …")
+    p.add_argument("--codec", default="int8", help="one codec: int8 (default), int4, fp16, none, jpeg90, …")
     p.add_argument("--runtime", choices=RUNTIMES, default="ort", help="head runtime")
     p.add_argument(
         "--providers", default="cpu", help="comma-separated ORT providers: cpu, xnnpack, cuda, tensorrt"
@@ -163,6 +172,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:
+    if "," in args.codec:
+        raise UsageError(
+            f"--codec {args.codec}: the agent sends with one codec",
+            hint="compare several with `edgecut plan … --codec int8,int4` or `edgecut bench sweep`",
+        )
     return EdgeConfig(
         bundle=args.bundle,
         server=args.server,

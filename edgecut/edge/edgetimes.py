@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from edgecut.bundle import Bundle
-from edgecut.costs import SEAL_OVERHEAD_BYTES, segment_name
+from edgecut.costs import SEAL_OVERHEAD_BYTES
 from edgecut.edge.runner import Runner
 from edgecut.link import Ewma
 from edgecut.profile import CodecTiming, Profile, SegmentTiming
@@ -31,8 +31,7 @@ def one_pass_profile(bundle: Bundle, runner: Runner, feeds: Mapping[str, np.ndar
     m = bundle.manifest
     run = runner.run(feeds, 0, len(m.segments) - 1)
     segments = tuple(
-        SegmentTiming(segment_name(s.file), ms, ms, 1)
-        for s, ms in zip(m.segments, run.timings_ms, strict=True)
+        SegmentTiming(s.name, ms, ms, 1) for s, ms in zip(m.segments, run.timings_ms, strict=True)
     )
     return Profile(
         model=m.model,
@@ -53,7 +52,7 @@ class EdgeTimes:
 
     def __init__(self, bundle: Bundle, base: Profile, learn: bool) -> None:
         self.base, self.learn = base, learn
-        self._names = [segment_name(s.file) for s in bundle.manifest.segments]
+        self._names = [s.name for s in bundle.manifest.segments]
         self._lock = threading.Lock()
         self._segments = {t.segment: _ewma(t.latency_ms) for t in base.segments}
         self._codecs = {(c.cut, c.codec): c for c in base.codecs}

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 import numpy as np
 
 from edgecut.bundle import Bundle
-from edgecut.costs import segment_name
 from edgecut.edge.runner import Runner, SegmentRun
 from edgecut.errors import UsageError
 from edgecut.profile import Profile
@@ -28,7 +27,7 @@ class PacedRunner:
         self.inner = inner
         self.profile = profile
         self.name = f"{inner.name} paced as {profile.device}"
-        self._ms = [profile.segment_ms(segment_name(s.file)) for s in bundle.manifest.segments]
+        self._ms = [profile.segment_ms(s.name) for s in bundle.manifest.segments]
 
     def run(
         self, feeds: Mapping[str, np.ndarray], first: int, last: int, precision: str = "float"

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 from pathlib import Path
 from typing import Any
+
+from edgecut.flags import add_renamed, comma_list
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,8 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", default="ort", choices=["ort", "litert"])
     p.add_argument("--providers", default="cpu", help="ORT providers, comma separated")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = all cores)")
-    p.add_argument("--device", help="device name recorded in the profile (default: this machine)")
-    p.add_argument("--codecs", default="int8,int6,int4,jpeg90", help="codecs to time per cut")
+    add_renamed(p, "--device-name", "--device", help="name recorded in the profile (default: this machine)")
+    add_renamed(
+        p, "--codec", "--codecs", default="int8,int6,int4,jpeg90", help="codecs to time, comma separated"
+    )
     p.add_argument("--runs", type=int, default=20, help="timed runs after 3 warm-up runs")
     p.add_argument(
         "--scale", type=float, help="write a *scaled* profile: timings × this factor (say why in --source)"
@@ -59,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.runs < 1:
         raise UsageError("--runs must be at least 1")
+    warn_oversubscribed(args.threads)
     bundle = load_bundle(args.bundle)
     options = OrtOptions(tuple(args.providers.split(",")), args.threads)
     files = ModelFiles(bundle, load_device_private(args.device_key) if args.device_key else None)
@@ -69,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
         runner,
         runtime=args.runtime,
         threads=args.threads,
-        device=args.device,
-        codecs=args.codecs.split(","),
+        device=args.device_name,
+        codecs=comma_list(args.codec),
         runs=args.runs,
     )
     if variants:
@@ -80,10 +87,23 @@ def run(args: argparse.Namespace) -> int:
     if args.scale:
         if not args.source:
             raise UsageError("--scale needs --source saying where the factor comes from")
-        prof = prof.scaled(args.scale, args.device or f"{prof.device}-scaled", args.source)
+        prof = prof.scaled(args.scale, args.device_name or f"{prof.device}-scaled", args.source)
     save_profile(prof, args.out)
     total = sum(t.latency_ms for t in prof.segments if "/" not in t.segment)
     print(
         f"{prof.device} ({prof.mode}): {len(prof.segments)} segments, whole model {total:.1f} ms → {args.out}"
     )
     return 0
+
+
+def warn_oversubscribed(threads: int) -> None:
+    """More threads than cores time-slice one another: the profile would show a slower device
+    than a deployment with that many cores, and the planner would trust it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threads > cores:
+        print(
+            f"warning: --threads {threads} but this machine gives the process {cores} core(s): the "
+            f"threads share cores and the timings come out slower than a {threads}-core device's; "
+            f"profile with --threads {cores} or less",
+            file=sys.stderr,
+        )

@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 
 from edgecut.bundle import Bundle, TensorSpec
 from edgecut.codec import Calibration, CodecSpec, calibration_for, decode, encode
-from edgecut.costs import segment_name
 from edgecut.edge.runner import Runner
 from edgecut.images import synthetic_feeds
 from edgecut.keys import ServicePrivateKey, ServicePublicKey
@@ -39,7 +38,7 @@ def profile_segments(
         runner.run(feeds, 0, n - 1)
     samples = [runner.run(feeds, 0, n - 1).timings_ms for _ in range(runs)]
     return tuple(
-        SegmentTiming(segment_name(s.file), statistics.median(col), _p90(col), runs)
+        SegmentTiming.measured(s.name, col)
         for s, col in zip(bundle.manifest.segments, zip(*samples, strict=True), strict=True)
     )
 
@@ -137,7 +136,3 @@ def _median_ms(fn: Callable[[], object], runs: int) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def _p90(values: Sequence[float]) -> float:
-    return float(np.percentile(values, 90))

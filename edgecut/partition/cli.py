@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         from edgecut.keys import load_device_public
 
         load_device_public(args.encrypt_edge)
+    if args.calibrate:
+        check_photos(args.calibrate)
     key = None
     if args.sign is not None:
         from edgecut.keys import load_signing_private
@@ -106,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(
         args.model, input_shape=shape, name=args.name, version=args.model_version, preprocess=declared
     )
+    if args.calibrate and loaded.preprocess.kind != "image":
+        raise UsageError(
+            f"--calibrate needs a model that takes one image; '{args.model}' takes tensors",
+            hint="declare its preprocessing with --preprocess (docs/bundle-format.md), or drop --calibrate",
+        )
     bundle = partition(
         loaded,
         args.out,
@@ -151,3 +158,18 @@ def run(args: argparse.Namespace) -> int:
             + (f"; encrypted device copy → {device_copy}" if device_copy else "")
         )
     return 0
+
+
+def check_photos(source: str) -> None:
+    """Fail on a bad `--calibrate` source now, not after minutes of partitioning and verifying."""
+    if source == "builtin":
+        if importlib.util.find_spec("skimage") is None:
+            raise DependencyError(
+                "--calibrate builtin uses scikit-image's sample photos, which is not installed",
+                hint='pip install "edgecut[partition]", or --calibrate DIR with your own photos',
+            )
+        return
+    from edgecut.images import list_images, load_image
+
+    for path in list_images(Path(source)):
+        load_image(path)  # one unreadable photo is named now

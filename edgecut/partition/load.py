@@ -7,13 +7,17 @@ import contextlib
 import importlib
 import io
 import logging
+import os
+import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
 
 from edgecut.bundle import Preprocess, TensorSpec
 from edgecut.errors import ModelLoadError, UsageError
@@ -92,12 +96,38 @@ def _read_onnx(path: Path) -> onnx.ModelProto:
     if not path.is_file():
         raise UsageError(f"model file '{path}' does not exist")
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(
-            f"'{path}' is not a valid ONNX model (truncated or another format): "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"'{path}' is not a valid ONNX model (truncated or another format): {_first_line(exc)}"
         ) from exc
+    external = sorted({ExternalDataInfo(t).location for t in _tensors(model.graph) if uses_external_data(t)})
+    missing = [name for name in external if not (path.parent / name).is_file()]
+    if missing:
+        raise ModelLoadError(
+            f"'{path}' keeps its weights in {', '.join(missing)}, which is not beside it",
+            hint="copy the .onnx and its external data file(s) together, into one directory",
+        )
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ModelLoadError(f"'{path}': cannot read its external data: {_first_line(exc)}") from exc
+    return model
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and constant tensors, subgraphs included: wherever external data can hide."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            yield from ([attr.t] if attr.HasField("t") else [])
+            yield from attr.tensors
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _tensors(sub)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _static(
@@ -150,10 +180,17 @@ def _infer(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
 
 def _factory(spec: str, name: str | None, version: str) -> TorchModel:
     mod_name, _, fn_name = spec.partition(":")
+    # `python -m` puts the working directory on the path but the `edgecut` script does not, so a
+    # factory module beside the user would need PYTHONPATH=. without this
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as exc:
-        raise UsageError(f"cannot import factory '{spec}': {exc}") from exc
+        raise UsageError(
+            f"cannot import factory '{spec}': {exc}",
+            hint="the module must be importable from this directory or from PYTHONPATH",
+        ) from exc
     made = fn()
     module, example = made if isinstance(made, tuple) else (made, None)
     if example is None:

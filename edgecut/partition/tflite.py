@@ -201,7 +201,7 @@ def install_tflite(
     file_map = dict(m.files)
     for r in results:
         if r.status != "ok":
-            seg = next(s for s in m.segments if Path(s.file).stem == r.segment)
+            seg = next(s for s in m.segments if s.name == r.segment)
             file_map.pop(tflite_file(seg), None)
             bundle.path(tflite_file(seg)).unlink(missing_ok=True)
     for i, src in files.items():
@@ -392,7 +392,7 @@ def _convert_one(
 ) -> Conversion:
     from edgecut.runtime import OrtOptions, make_session
 
-    name, t0 = Path(seg.file).stem, time.perf_counter()
+    name, t0 = seg.name, time.perf_counter()
     torch = tools["torch"]
     try:
         import onnx

@@ -1,7 +1,7 @@
 """`edgecut bench sweep`: the --quick preset end to end, the report's arithmetic, bad input.
 
 The sweep spawns a real tail service (a subprocess on 127.0.0.1:0) or uses the in-process one
-from conftest's `tail_server` (`--cloud`), puts the real link emulator in front of it and runs the
+from conftest's `tail_server` (`--server`), puts the real link emulator in front of it and runs the
 real edge agent. No test asserts a wall-clock time: only that every figure exists, is labelled,
 and that each bad input is one clear line with the right exit code.
 """
@@ -41,7 +41,7 @@ def edge_profile(effl0_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
                 "3",
                 "--threads",
                 "1",
-                "--codecs",
+                "--codec",
                 "int8,int4,jpeg90",
                 "--device",
                 "here-1t",
@@ -131,7 +131,7 @@ def test_paced_sweep_against_a_given_cloud(
             "--edge-profile",
             str(edge_profile),
             "--pace",
-            "--cloud",
+            "--server",
             f"127.0.0.1:{handle.port}",
             "--server-key",
             str(keys.service_pub),
@@ -167,11 +167,11 @@ def bad_inputs(
     out = ["--out", str(tmp_path / "out"), "--quick"]
     return {
         "unreachable cloud": (
-            [b, *p, "--cloud", f"127.0.0.1:{free_port()}", "--server-key", str(keys.service_pub), *out],
+            [b, *p, "--server", f"127.0.0.1:{free_port()}", "--server-key", str(keys.service_pub), *out],
             1,
             "unreachable",
         ),
-        "cloud without key": ([b, *p, "--cloud", "127.0.0.1:1", *out], 2, "--server-key"),
+        "cloud without key": ([b, *p, "--server", "127.0.0.1:1", *out], 2, "--server-key"),
         "bundle without profiles": ([str(bare), *out], 1, "ships no profiles"),
         "missing profile file": ([b, "--edge-profile", str(tmp_path / "nope.json"), *out], 1, "not found"),
         "bad bandwidth": ([b, *p, *out, "--bandwidth", "8mbps"], 2, "kbit, mbit"),

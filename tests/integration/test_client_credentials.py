@@ -1,4 +1,4 @@
-"""`plan --cloud` and `bench sweep --cloud` reach a tail service that wants mTLS and a device token,
+"""`plan --server` and `bench sweep --server` reach a tail service that wants mTLS and a device token,
 with the edge's flags; without them they fail with one clear line. Real server, real certificates."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def plan_argv(bundle: Path, profile: Path, port: int, *extra: str) -> list[str]:
         str(bundle),
         "--edge-profile",
         str(profile),
-        "--cloud",
+        "--server",
         f"localhost:{port}",
         "--bandwidth",
         "8mbit",
@@ -93,7 +93,7 @@ def test_sweep_takes_the_same_flags_and_never_records_the_token(
     args = build_parser(argv).parse_args(
         [
             *argv,
-            "--cloud",
+            "--server",
             "localhost:1",
             "--server-key",
             "s.pub",
@@ -107,5 +107,5 @@ def test_sweep_takes_the_same_flags_and_never_records_the_token(
     assert config.credentials().token == TOKEN and config.credentials().tls_ca
     assert "--tls-ca" in config.command() and TOKEN not in config.command() and TOKEN not in repr(config)
     spawned = build_parser(argv).parse_args([*argv, "--token", TOKEN])
-    with pytest.raises(UsageError, match="need --cloud"):
+    with pytest.raises(UsageError, match="need --server"):
         config_from_args(spawned)

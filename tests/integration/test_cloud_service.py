@@ -430,7 +430,7 @@ def test_sigterm_drains_in_flight_requests(
         "serve",
         "--bundles",
         str(bundles_dir),
-        "--key",
+        "--service-key",
         str(keys.service_key),
         "--port",
         "0",

@@ -153,7 +153,7 @@ def test_a_second_server_on_a_busy_port_is_refused(tail_server: Any) -> None:
 
 def _serve(bundles_dir: Path, keys: KeyPaths, *flags: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "edgecut.cli", "cloud", "serve", "--bundles", str(bundles_dir)]
-    cmd += ["--key", str(keys.service_key), "--threads", "1", "--poll-interval-s", "0", *flags]
+    cmd += ["--service-key", str(keys.service_key), "--threads", "1", "--poll-interval-s", "0", *flags]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
 

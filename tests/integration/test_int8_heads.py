@@ -120,7 +120,7 @@ def test_plan_has_a_precision_column_and_inspect_lists_the_variants(
                 "1",
                 "--runs",
                 "3",
-                "--codecs",
+                "--codec",
                 "int8",
                 "--out",
                 str(profile),
@@ -129,7 +129,7 @@ def test_plan_has_a_precision_column_and_inspect_lists_the_variants(
         == 0
     )
     capsys.readouterr()
-    args = ["plan", str(bundle), "--edge-profile", str(profile), "--cloud-profile", str(profile)]
+    args = ["plan", str(bundle), "--edge-profile", str(profile), "--server-profile", str(profile)]
     assert main([*args, "--bandwidth", "2mbit", "--rtt", "40ms", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     variant = head_variants(load_bundle(bundle).manifest)["int8"]

@@ -26,7 +26,7 @@ def profiles(effl0_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
                 "3",
                 "--threads",
                 "1",
-                "--codecs",
+                "--codec",
                 "int8,int4,jpeg90",
             ]
         )
@@ -43,12 +43,12 @@ def profiles(effl0_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
                 "3",
                 "--threads",
                 "1",
-                "--codecs",
+                "--codec",
                 "int8,int4,jpeg90",
                 "--scale",
                 "5",
                 "--source",
-                "Pi 4 ~ 5x one core here (DESIGN.md)",
+                "Pi 4 ~ 5x one core here (docs/architecture.md)",
                 "--device",
                 "pi4",
             ]
@@ -67,7 +67,7 @@ def _plan(capsys: pytest.CaptureFixture[str], bundle: Path, profiles: tuple[Path
                 str(bundle),
                 "--edge-profile",
                 str(profiles[0]),
-                "--cloud-profile",
+                "--server-profile",
                 str(profiles[1]),
                 "--json",
                 "--codec",
@@ -82,7 +82,7 @@ def _plan(capsys: pytest.CaptureFixture[str], bundle: Path, profiles: tuple[Path
 
 def test_profile_is_complete_and_labelled(effl0_bundle: Path, profiles: tuple[Path, Path]) -> None:
     pi, here = (load_profile(p) for p in profiles)
-    assert pi.mode == "scaled" and pi.scale == 5 and "DESIGN.md" in pi.source
+    assert pi.mode == "scaled" and pi.scale == 5 and "docs/architecture.md" in pi.source
     assert here.mode == "measured"
     assert len(here.segments) == len(json.loads((effl0_bundle / "manifest.json").read_text())["segments"])
     assert {c.cut for c in here.codecs} >= {"input", "c01"}
@@ -108,7 +108,7 @@ def test_plan_picks_the_cheapest_allowed_row(
 def test_plan_bad_input(
     capsys: pytest.CaptureFixture[str], effl0_bundle: Path, profiles: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    base = ["plan", str(effl0_bundle), "--cloud-profile", str(profiles[1])]
+    base = ["plan", str(effl0_bundle), "--server-profile", str(profiles[1])]
     assert main([*base, "--edge-profile", str(profiles[0]), "--bandwidth", "8mbps"]) == 2
     assert "8mbps" in capsys.readouterr().err
     assert main([*base, "--edge-profile", str(tmp_path / "none.json"), "--bandwidth", "8mbit"]) == 1
@@ -119,7 +119,7 @@ def _plan_json(
     capsys: pytest.CaptureFixture[str], bundle: Path, profiles: tuple[Path, Path], *extra: str
 ) -> dict:  # type: ignore[type-arg]
     capsys.readouterr()
-    base = ["plan", str(bundle), "--edge-profile", str(profiles[0]), "--cloud-profile", str(profiles[1])]
+    base = ["plan", str(bundle), "--edge-profile", str(profiles[0]), "--server-profile", str(profiles[1])]
     assert main([*base, "--json", *extra]) == 0
     return json.loads(capsys.readouterr().out)
 
@@ -168,7 +168,7 @@ def test_plan_codec_is_honoured_at_the_input_and_unknown_rows_are_excluded(
         str(effl0_bundle),
         "--edge-profile",
         str(profiles[0]),
-        "--cloud-profile",
+        "--server-profile",
         str(profiles[1]),
     ]
     assert main([*base, "--bandwidth", "1gbit", "--codec", "int8-channel-z9"]) == 0

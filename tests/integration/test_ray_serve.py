@@ -160,6 +160,6 @@ def test_bad_app_arguments_fail_before_any_replica_starts(
 def test_cli_rejects_bad_ray_flags_with_one_line(
     bundles_dir: Path, keys: KeyPaths, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["cloud", "serve", "--ray", "--bundles", str(bundles_dir), "--key", str(keys.service_key)]
+    argv = ["cloud", "serve", "--ray", "--bundles", str(bundles_dir), "--service-key", str(keys.service_key)]
     assert main([*argv, "--ray-replicas", "four"]) == 2
     assert "error: --ray-replicas 'four': expected MIN:MAX" in capsys.readouterr().err

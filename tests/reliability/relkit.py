@@ -76,7 +76,8 @@ def spawned_service(
     toml = service_config(workdir / f"serve-{time.monotonic_ns()}.toml", **config)
     log_path = workdir / f"serve-{time.monotonic_ns()}.log"
     cmd = [sys.executable, "-m", "edgecut.cli", "cloud", "serve", "--config", str(toml)]
-    cmd += ["--bundles", str(bundles), "--key", str(key), "--port", str(port), "--poll-interval-s", "0"]
+    cmd += ["--bundles", str(bundles), "--service-key", str(key), "--port", str(port)]
+    cmd += ["--poll-interval-s", "0"]
     cmd += ["--grace-s", "1", *extra]
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file)

@@ -400,20 +400,21 @@ def test_grpc_call_through_the_link() -> None:
             assert emulator.stats.connections == 2
 
 
-def test_run_netem_prints_address_and_stops_on_ctrl_c(echo_server: Address) -> None:
-    code = (
-        "from edgecut.netem import run_netem; "
-        f"run_netem('127.0.0.1:0', '127.0.0.1:{echo_server[1]}', '8mbit', '10ms')"
-    )
-    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+def test_netem_prints_address_and_ctrl_c_exits_130(echo_server: Address) -> None:
+    """Ctrl-C ends `edgecut netem` as it ends every verb: exit 130, one line, no traceback."""
+    cmd = [sys.executable, "-m", "edgecut.cli", "netem", "--to", f"127.0.0.1:{echo_server[1]}"]
+    cmd += ["--bandwidth", "8mbit", "--rtt", "10ms"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
-            assert proc.stdout is not None
+            assert proc.stdout is not None and proc.stderr is not None
             line = proc.stdout.readline()
             assert line.startswith("listening 127.0.0.1:")
             with socket.create_connection(parse_address(line.split()[1])) as s:
                 assert echo_round_trip(s, b"cli") == b"cli"
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=5) == 0
+            assert proc.wait(timeout=5) == 130
+            err = proc.stderr.read()
+            assert "interrupted" in err and "Traceback" not in err
         finally:
             proc.kill()
 

@@ -15,6 +15,7 @@ from edgecut.profile import (
     ProfileError,
     SegmentTiming,
     load_profile,
+    percentile,
     save_profile,
 )
 
@@ -131,3 +132,12 @@ def test_planner_and_profile_import_nothing_heavy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_timings_use_one_percentile_definition():
+    """Median and p90 are numpy's linear percentiles, whoever measures (profiler, tail service)."""
+    samples = [5.0, 1.0, 4.0, 2.0, 3.0, 100.0]
+    timing = SegmentTiming.measured("seg_001", samples)
+    assert (timing.latency_ms, timing.p90_ms, timing.runs) == (3.5, 52.5, 6)
+    assert percentile(range(11), 90) == 9.0
+    assert SegmentTiming.measured("seg_001", []).runs == 0

@@ -48,7 +48,7 @@ def endpoint(
         parse_address(address)
         if server_pub is None:
             raise UsageError(
-                "--cloud needs --server-key (the service's service.pub: frames are sealed to it)"
+                "--server needs --server-key (the service's service.pub: frames are sealed to it)"
             )
         yield Endpoint(address, server_pub, False, -1)
         return

@@ -20,7 +20,6 @@ from edgecut import credentials
 from edgecut.apps.sweep.records import Cell, Link
 from edgecut.bundle import Bundle, Manifest
 from edgecut.codec import CodecSpec
-from edgecut.costs import segment_name
 from edgecut.credentials import ClientCredentials
 from edgecut.errors import ProfileError, UsageError
 from edgecut.netem import parse_bandwidth, parse_duration_ms
@@ -62,7 +61,7 @@ class SweepConfig:
         if self.requests < 1 or self.warmup < 0:
             raise UsageError(f"--requests must be >= 1 and --warmup >= 0, got {self.requests}, {self.warmup}")
         if self.cloud is None and (self.token or self.tls_ca or self.tls_cert or self.tls_key):
-            raise UsageError("--token and --tls-* reach a running service: they need --cloud")
+            raise UsageError("--token and --tls-* reach a running service: they need --server")
         if self.edge_threads < 0 or self.cloud_threads < 0:
             raise UsageError("thread counts must be >= 0")
 
@@ -107,7 +106,7 @@ class SweepConfig:
         if self.pace:
             args.append("--pace")
         if self.cloud is not None:
-            args += ["--cloud", self.cloud, "--server-key", str(self.server_key)]
+            args += ["--server", self.cloud, "--server-key", str(self.server_key)]
             for flag, path in (
                 ("--tls-ca", self.tls_ca),
                 ("--tls-cert", self.tls_cert),
@@ -115,7 +114,7 @@ class SweepConfig:
             ):
                 args += [flag, str(path)] if path is not None else []  # the token is never recorded
         else:
-            args += ["--cloud-threads", str(self.cloud_threads)]
+            args += ["--server-threads", str(self.cloud_threads)]
         if self.images is not None:
             args += ["--images", str(self.images)]
         return shlex.join(args)
@@ -184,7 +183,7 @@ def resolve_profile(bundle: Bundle, path: Path | None) -> tuple[Profile, Path]:
     if profile.model != m.model:
         raise ProfileError(f"profile {path} is for model '{profile.model}', the bundle is '{m.model}'")
     for segment in m.segments:
-        profile.segment_ms(segment_name(segment.file))  # a missing segment is one clear error
+        profile.segment_ms(segment.name)  # a missing segment is one clear error
     if profile.manifest_sha256 != bundle.manifest_sha256:
         log.warning(
             "profile %s was measured on another build of %s (manifest sha differs); "
