@@ -17,6 +17,7 @@ import numpy as np
 
 from edgecut.answers import AnswerSpec
 from edgecut.bundle import Bundle, load_bundle
+from edgecut.credentials import read_pem
 from edgecut.edge.agent import Agent, AgentOptions
 from edgecut.edge.cutchoice import AutoCut, CutChoice, FixedCut
 from edgecut.edge.runner import OrtRunner, make_runner
@@ -65,15 +66,6 @@ class EdgeConfig:
             AnswerSpec.parse(self.answer)  # a bad --answer fails before any input is read
 
 
-def _read(path: Path | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-
-
 def _session(config: EdgeConfig, bundle: Bundle) -> TailSession | None:
     if config.server is None:
         if config.cut != "output":
@@ -91,9 +83,9 @@ def _session(config: EdgeConfig, bundle: Bundle) -> TailSession | None:
             build=bundle.build_sha256,
             deadline_ms=config.deadline_ms,
             token=config.token,
-            tls_ca=_read(config.tls_ca),
-            tls_cert=_read(config.tls_cert),
-            tls_key=_read(config.tls_key),
+            tls_ca=read_pem(config.tls_ca),
+            tls_cert=read_pem(config.tls_cert),
+            tls_key=read_pem(config.tls_key),
         )
     )
 
