@@ -5,6 +5,10 @@ the link emulator (`edgecut.netem`), so the emulator can reset or stall the link
 at a restarted service. Faults fire from the input source at fixed positions, so they land in the
 middle of the stream whatever the machine's speed. Every input must yield exactly one result,
 computed in the cloud or locally, checked by input position.
+
+The last `RECOVERY_INPUTS` inputs come after every fault has cleared (flood stopped, stall over,
+restarted service up) and the agent's reconnect back-off ceiling has passed: they show the agent
+back on the cloud. Asserting that earlier would race the back-off, which a slow machine stretches.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from relkit import Service, infer_all, spawned_service
 from support import EdgeClient
 
 from edgecut.edge.agent import Input, Result, image_input
+from edgecut.edge.session import SessionConfig
 from edgecut.edge.startup import EdgeConfig, start_agent
 from edgecut.images import sample_photos
 from edgecut.keys import KeyPaths
@@ -31,6 +36,7 @@ from edgecut.v1 import edgecut_pb2_grpc
 
 FAULTS = ("sigkill_restart", "link_reset", "link_stall", "overload")
 STALL_RTT_MS = 5000.0  # a stalled link: answers take longer than the agent's deadline
+RECOVERY_INPUTS = 3  # sent once every fault has cleared; at least one must be answered by the cloud
 
 
 @dataclass
@@ -40,6 +46,7 @@ class FaultRun:
     injected: list[tuple[int, str]] = field(default_factory=list)  # (input position, fault)
     flood_sent: int = 0  # requests of the overload device
     flood_refused: int = 0  # of which RESOURCE_EXHAUSTED
+    recovery_from: int = 0  # first input position sent after every fault had cleared
 
     @property
     def positions(self) -> list[int]:
@@ -101,7 +108,7 @@ def run_with_faults(
     rounds: int = 1,
 ) -> FaultRun:
     """Run `inputs` photos through the agent while `rounds` × every fault in FAULTS is injected."""
-    run = FaultRun(inputs)
+    run = FaultRun(inputs, recovery_from=max(0, inputs - RECOVERY_INPUTS))
     photos = sample_photos()
     flood_feeds = edge.frontier(photos[0][1], cut)
     config = {"max_queue": 8, "max_batch": 2}
@@ -117,6 +124,7 @@ def run_with_faults(
         host, port = stack.enter_context(link)
         restarting: list[threading.Thread] = []
         flood: list[_Flood] = []
+        stalls: list[threading.Timer] = []
 
         def restart() -> None:
             new = stack.enter_context(spawned_service(bundles, keys.service_key, workdir, **config))
@@ -138,15 +146,25 @@ def run_with_faults(
                 link.reset_all()
             elif fault == "link_stall":
                 link.set_config(LinkConfig(rtt_ms=STALL_RTT_MS))
-                threading.Timer(STALL_RTT_MS / 1e3, lambda: link.set_config(LinkConfig())).start()
+                stalls.append(threading.Timer(STALL_RTT_MS / 1e3, lambda: link.set_config(LinkConfig())))
+                stalls[-1].start()
             else:
                 flood.append(_Flood(edge, flood_feeds, cut, service[-1].address))
                 flood[-1].start()
+
+        def clear_faults() -> None:
+            for f in flood:
+                f.stop()
+            for t in [*restarting, *stalls]:
+                t.join(300)
+            time.sleep(SessionConfig.backoff_max_ms / 1e3 + 0.5)  # the agent's next try connects
 
         def source() -> Iterator[Input]:
             for i in range(inputs):
                 if i in plan:
                     inject(i, plan[i])
+                if i == run.recovery_from:
+                    clear_faults()
                 name, image = photos[i % len(photos)]
                 yield image_input(i, f"{name}#{i}", image)
                 time.sleep(0.01)  # a camera, not a batch job: faults land between inputs
