@@ -330,7 +330,7 @@ def test_demo_runs_end_to_end(
     shutil.copytree(effl0_bundle, cache / "edgecut" / "bundles" / "effl0")  # reused, not rebuilt
     env = {**os.environ, "XDG_CACHE_HOME": str(cache), "COLUMNS": "200"}
     proc = subprocess.run(
-        [sys.executable, "-m", "edgecut.cli", "demo"], capture_output=True, text=True, timeout=90, env=env
+        [sys.executable, "-m", "edgecut.cli", "demo"], capture_output=True, text=True, timeout=300, env=env
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     labels = load_bundle(effl0_bundle).labels()
