@@ -4,8 +4,9 @@ Revoking a device, or adding one, must not cost every other device an outage. Th
 the token file's stat (inode, size, mtime, ctime: an edit in place and a rename over it both
 show) each time it authenticates a call and before each request it opens, and re-reads the file
 when it changed. So a removed token is refused on its very next request, open streams included
-(UNAUTHENTICATED), and a new one is accepted on its first call; no signal, no poll interval. On
-Kubernetes a Secret mounted as a volume is swapped by the kubelet, which this picks up as is.
+(UNAUTHENTICATED), and a new one is accepted on its first call; no signal, no poll interval. (The
+Kubernetes manifests in deploy/k8s copy the Secret into memory at pod start, so there a token
+change reaches a pod when it restarts: `kubectl rollout restart`, one pod at a time.)
 
 The rules of the file are those of `config.load_tokens`, at start and on reload alike: mode 0600
 (a group- or world-readable file is refused, its tokens may have leaked), only sha256 digests kept.
