@@ -25,3 +25,4 @@ python benchmarks/edge_loopback.py
 python benchmarks/cloud_throughput.py
 python benchmarks/cloud_throughput.py --cut c05 --out benchmarks/results/cloud_throughput_c05
 python benchmarks/replicas.py --bundle bundles/effl0
+python benchmarks/failover.py --bundle bundles/effl0

@@ -87,6 +87,10 @@ class ReplayError(SealError):
     """A frame's request id was seen before or its timestamp is outside the window."""
 
 
+class UnknownKeyError(SealError):
+    """A frame names a service key (key id) that this service does not hold (rotated out)."""
+
+
 class NotFoundError(EdgecutError):
     """The model, version or cut a request names is not served."""
 

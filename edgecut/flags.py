@@ -18,10 +18,12 @@ REMOVED_IN = "0.2"  # the release that drops the old spellings
 
 
 class _Renamed(argparse.Action):
-    """Stores like `store`; warns when the option was given under an old spelling."""
+    """Stores like `store` (`append` when asked); warns when given under an old spelling."""
 
-    def __init__(self, option_strings: Sequence[str], dest: str, *, current: str, **kwargs: Any) -> None:
-        self.current = current
+    def __init__(
+        self, option_strings: Sequence[str], dest: str, *, current: str, append: bool = False, **kwargs: Any
+    ) -> None:
+        self.current, self.append = current, append
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(
@@ -36,6 +38,8 @@ class _Renamed(argparse.Action):
                 f"warning: {option_string} is deprecated and goes in {REMOVED_IN}; use {self.current}",
                 file=sys.stderr,
             )
+        if self.append:  # a repeatable flag: keep every value, in order
+            values = [*(getattr(namespace, self.dest, None) or []), values]
         setattr(namespace, self.dest, values)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from edgecut.answers import AnswerSpec
 from edgecut.errors import CodecError, DeadlineError, EdgecutError, FrameTooLargeError
-from edgecut.keys import ServicePublicKey
+from edgecut.keys import ServicePublicKey, key_id
 from edgecut.sealing import ANONYMOUS, MAX_FIELD_BYTES, AnswerMeta, Binding, seal_request
 from edgecut.v1 import edgecut_pb2 as pb
 
@@ -58,6 +58,7 @@ class RequestHead:
     deadline_ms: int  # absolute unix ms, 0 = none (edge clock; on this host once reassembled)
     sent_at_ms: int  # edge wall clock when chunk 0 was sent, unix ms
     sent_deadline_ms: int | None = None  # deadline_ms as sent (edge clock); None = deadline_ms
+    key_id: str = ""  # the service key the request is sealed to (edgecut.keyring); "" = primary
 
     def binding(self, identity: str = ANONYMOUS) -> Binding:
         """What the request's seal must be bound to, for a sender authenticated as `identity`."""
@@ -109,6 +110,7 @@ def build_request(
         binding.cut,
         binding.deadline_ms,
         binding.sent_at_ms,
+        key_id=key_id(public),
     )
     return SealedRequest(split(head, sealed, chunk_bytes), binding, response_key, len(sealed))
 
@@ -149,6 +151,7 @@ def split(head: RequestHead, sealed: bytes, chunk_bytes: int = CHUNK_BYTES) -> l
             frame.model, frame.version, frame.cut = head.model, head.version, head.cut
             frame.chunk_count, frame.total_bytes = count, len(sealed)
             frame.deadline_ms, frame.sent_at_ms = head.deadline_ms, head.sent_at_ms
+            frame.key_id = head.key_id
         frames.append(frame)
     return frames
 
@@ -249,7 +252,7 @@ class Reassembler:
         return dataclasses.replace(head, deadline_ms=max(1, deadline), sent_deadline_ms=head.deadline_ms)
 
     def _start(self, rid: str, frame: pb.Frame) -> _Pending:
-        for name in ("model", "version", "cut"):
+        for name in ("model", "version", "cut", "key_id"):
             size = len(getattr(frame, name).encode("utf-8", errors="surrogatepass"))
             if size > MAX_FIELD_BYTES:
                 raise CodecError(f"request {short(rid)}: {name} is {size} bytes; at most {MAX_FIELD_BYTES}")
@@ -275,7 +278,8 @@ class Reassembler:
                 f"request {short(rid)}: {held} bytes of partial requests already "
                 f"pending on this stream; at most {self.max_pending_bytes}"
             )
-        head = RequestHead(rid, frame.model, frame.version, frame.cut, frame.deadline_ms, frame.sent_at_ms)
+        times = (frame.deadline_ms, frame.sent_at_ms)
+        head = RequestHead(rid, frame.model, frame.version, frame.cut, *times, key_id=frame.key_id)
         pending = _Pending(head, frame.chunk_count, frame.total_bytes, self._clock())
         self._pending[rid] = pending
         return pending

@@ -4,6 +4,7 @@
 
 - `service.key` / `service.pub`: the tail service's HPKE key pair. Edges seal every frame to
   `service.pub`; every replica of the tail holds `service.key`, so any replica opens any frame.
+  While a key is rotated a service holds the old and the new one (`edgecut.keyring`).
 - `signing.key` / `signing.pub`: Ed25519; the partitioner signs bundle manifests with
   `signing.key`, edge and cloud verify them with `signing.pub`.
 

@@ -27,6 +27,12 @@ class TailInfo:
     key_suite: str = "x25519"  # HPKE suite of the key frames are sealed to (sets the seal overhead)
 
 
+def key_ids(reply: pb.ServerInfoReply) -> tuple[str, ...]:
+    """Every service key id the server opens frames for, its primary first (a server from before
+    key rotation lists none: then only its `key_id`)."""
+    return tuple(reply.key_ids) or (reply.key_id,)
+
+
 def find_model(
     reply: pb.ServerInfoReply, model: str, version: str, where: str, build: str = ""
 ) -> pb.ModelInfo:

@@ -13,8 +13,9 @@ import grpc
 
 from edgecut import codec, sealing
 from edgecut.bundle import Bundle, Cut
-from edgecut.cloud.config import DeviceGrant, ServeConfig, find_grant, min_depth
+from edgecut.cloud.config import DeviceGrant, ServeConfig, min_depth
 from edgecut.cloud.limits import ByteBudget, LogLimiter, PerKeyCap, RateLimiter
+from edgecut.cloud.tokens import TokenStore
 from edgecut.errors import AuthError, CodecError, ForbiddenError, FrameTooLargeError
 
 PROBE_REPLY_RATIO = 16  # a Probe reply is at most this many times its request's payload...
@@ -49,19 +50,32 @@ class Caller:
 
     grant: DeviceGrant | None
     identity: str  # sealing.device_identity of the caller's token / client certificate
+    token_sha256: str | None = None  # digest of the token it presented (never the token)
 
 
-async def authenticate(grants: dict[str, DeviceGrant] | None, context: grpc.aio.ServicerContext) -> Caller:
+async def authenticate(tokens: TokenStore | None, context: grpc.aio.ServicerContext) -> Caller:
     """The caller's grant (tokens configured) and the identity its frames must be sealed with."""
     metadata = dict(context.invocation_metadata() or ())
     scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
     token = token.strip() if scheme.lower() == "bearer" else ""
-    grant = find_grant(grants, token) if grants is not None and token else None
-    if grants is not None and grant is None:
+    grant = tokens.find(token) if tokens is not None and token else None
+    if tokens is not None and grant is None:
         error = AuthError("missing or unknown device token (metadata 'authorization: Bearer …')")
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, error.message)
     certs = (context.auth_context() or {}).get("x509_pem_cert") or [None]
-    return Caller(grant, sealing.device_identity(token or None, certs[0]))
+    digest = sealing.token_digest(token) if token else None
+    return Caller(grant, sealing.device_identity(token or None, certs[0]), digest)
+
+
+def recheck(tokens: TokenStore | None, caller: Caller) -> Caller:
+    """The caller as the token file says now, before each request: a token removed since its
+    stream opened is refused here (AuthError), a changed grant (its models) applies at once."""
+    if tokens is None or caller.token_sha256 is None:
+        return caller
+    grant = tokens.find_digest(caller.token_sha256)
+    if grant is None:
+        raise AuthError("device token revoked: it is no longer in this server's tokens file")
+    return caller if grant == caller.grant else Caller(grant, caller.identity, caller.token_sha256)
 
 
 def peer_host(context: grpc.aio.ServicerContext) -> str:

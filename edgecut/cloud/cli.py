@@ -43,7 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML file of ServeConfig fields; flags override it")
     p.add_argument("--bundles", type=Path, help="directory of bundles (one per subdirectory)")
     add_renamed(
-        p, "--service-key", "--key", dest="key", type=Path, help="service HPKE private key (keys/service.key)"
+        p,
+        "--service-key",
+        "--key",
+        dest="key",
+        type=Path,
+        append=True,
+        help="service HPKE private key (keys/service.key) or a directory of *.key files; repeat to "
+        "hold old and new keys during a rotation (the first is the primary)",
     )
     p.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")

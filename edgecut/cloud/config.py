@@ -10,7 +10,6 @@ read is refused, as private keys are.
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import os
 import re
 from collections.abc import Mapping
@@ -33,7 +32,7 @@ class ServeConfig:
     """Everything `edgecut cloud serve` needs; defaults work for a local CPU server."""
 
     bundles: Path  # directory whose subdirectories holding manifest.json are served bundles
-    key: Path  # the service's HPKE private key (service.key)
+    key: Path  # the service's HPKE private key (service.key), or a directory of them (edgecut.keyring)
     host: str = "127.0.0.1"  # interface to bind; "0.0.0.0" for all
     port: int = 50051  # TCP port for gRPC; 0 = any free port (the bound one is printed)
     device: str = "cpu"  # "cpu" or "cuda": where the tail segments run
@@ -65,9 +64,15 @@ class ServeConfig:
     max_in_flight_per_device: int = 1024  # requests one device identity may have in progress
     probe_bytes_per_s: int = 8 << 20  # Probe bytes (up + down) per device / peer address, per s
     min_cut: Mapping[str, str | int] = field(default_factory=dict)  # model -> shallowest cut served
+    extra_keys: tuple[Path, ...] = ()  # older (or not yet advertised) service keys still opened: rotation
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    @property
+    def key_paths(self) -> tuple[Path, ...]:
+        """Every service key file or directory, the primary first (edgecut.keyring.KeyRing.load)."""
+        return (self.key, *self.extra_keys)
 
     @property
     def resolved_providers(self) -> tuple[str, ...]:
@@ -102,10 +107,12 @@ class ServeConfig:
                 hint=f"known: {', '.join(sorted(known))}",
             )
         values: dict[str, Any] = {
-            k: (Path(v) if k in _PATH_FIELDS and v is not None else v) for k, v in data.items()
+            k: (Path(v) if k in _PATH_FIELDS and v is not None and not isinstance(v, list | tuple) else v)
+            for k, v in data.items()
         }
         if "providers" in values:
             values["providers"] = tuple(values["providers"])
+        values.update(_key_fields(values.get("key"), values.get("extra_keys") or ()))
         for required, flag in (("bundles", "--bundles"), ("key", "--service-key")):
             if values.get(required) is None:
                 raise UsageError(f"{source}: '{required}' is required ({flag} on the command line)")
@@ -113,6 +120,19 @@ class ServeConfig:
             return cls(**values)
         except TypeError as exc:
             raise UsageError(f"{source}: {exc}") from None
+
+
+def _key_fields(key: Any, extra: Any) -> dict[str, Any]:
+    """`key` may list several keys (`--service-key` repeated, or a TOML list): the first is the
+    primary, the rest join `extra_keys`."""
+    if isinstance(extra, str | os.PathLike):
+        extra = [extra]
+    if isinstance(key, list | tuple):
+        key, extra = (key[0] if key else None), [*key[1:], *extra]
+    out: dict[str, Any] = {"extra_keys": tuple(Path(p) for p in extra)}
+    if key is not None:
+        out["key"] = Path(key)
+    return out
 
 
 def require_cuda(c: ServeConfig) -> None:
@@ -233,16 +253,6 @@ def load_tokens(path: Path) -> dict[str, DeviceGrant]:
     if not grants:
         raise UsageError(f"tokens file {path} holds no tokens; every device would be refused")
     return grants
-
-
-def find_grant(grants: Mapping[str, DeviceGrant], token: str) -> DeviceGrant | None:
-    """The grant of a presented token: its digest compared with every stored one in constant time."""
-    digest = token_digest(token).encode()
-    found = None
-    for stored, grant in grants.items():
-        if hmac.compare_digest(stored.encode(), digest):
-            found = grant
-    return found
 
 
 def _check_private(path: Path) -> None:

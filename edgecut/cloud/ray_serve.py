@@ -36,7 +36,7 @@ import grpc
 
 from edgecut.cloud.config import ServeConfig, load_tokens
 from edgecut.errors import DependencyError, UsageError
-from edgecut.keys import load_service_private
+from edgecut.keyring import KeyRing
 from edgecut.v1 import edgecut_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ def _check_ray_fit(config: ServeConfig) -> None:
 def _check_secrets(config: ServeConfig) -> None:
     """Load the key and tokens as a replica will, so a bad or too-open file fails the deploy on
     the driver with its own message, not as Ray's "Failed to update the deployments"."""
-    load_service_private(config.key)
+    KeyRing.load(config.key_paths)
     if config.tokens:
         load_tokens(config.tokens)
 

@@ -48,13 +48,15 @@ from edgecut.cloud.admission import (
     check_min_cut,
     check_rows,
     peer_host,
+    recheck,
 )
 from edgecut.cloud.batcher import Batcher
-from edgecut.cloud.config import DeviceGrant, ServeConfig, load_tokens
+from edgecut.cloud.config import ServeConfig
 from edgecut.cloud.executor import Executor, OrtExecutor
 from edgecut.cloud.limits import PerKeyCap
 from edgecut.cloud.metrics import ServerMetrics
 from edgecut.cloud.registry import Entry, Registry
+from edgecut.cloud.tokens import TokenStore
 from edgecut.errors import (
     AddressInUseError,
     CodecError,
@@ -64,7 +66,8 @@ from edgecut.errors import (
     RequestCancelledError,
 )
 from edgecut.framing import Reassembler, RequestHead, grpc_options, short
-from edgecut.keys import ServicePrivateKey, key_id, load_service_private, load_signing_public
+from edgecut.keyring import KeyRing
+from edgecut.keys import key_id, load_signing_public
 from edgecut.runtime import OrtOptions
 from edgecut.v1 import edgecut_pb2 as pb
 from edgecut.v1 import edgecut_pb2_grpc
@@ -91,9 +94,9 @@ class _Context:
     """What the servicer shares across streams."""
 
     config: ServeConfig
-    key: ServicePrivateKey
+    key: KeyRing  # the primary and any keys still accepted during a rotation
     guards: sealing.DeviceGuards
-    grants: dict[str, DeviceGrant] | None
+    grants: TokenStore | None  # re-read when the tokens file changes
     registry: Registry
     batcher: Batcher
     executor: Executor
@@ -156,8 +159,9 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             identity=caller.identity,
             max_rows_per_request=c.config.max_rows_per_request,
             models=[_model_info(e) for e in c.registry.entries()],
-            key_id=key_id(c.key.public),
-            key_suite=c.key.suite,
+            key_id=key_id(c.key.primary.public),
+            key_suite=c.key.primary.suite,
+            key_ids=c.key.ids,
             queue_delay_ms=c.batcher.queue_delay_ms(),
             device=c.executor.device,
             max_message_bytes=c.config.max_message_bytes,
@@ -259,7 +263,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
         await answers.put(answer)
 
     async def _answer(self, head: RequestHead, sealed: bytes, caller: Caller) -> pb.Answer:
-        grant = caller.grant
+        grant = recheck(self.ctx.grants, caller).grant
         if grant is not None and not grant.allows(head.model):
             raise ForbiddenError(f"device {grant.device_id!r} may not use model {short(head.model)}")
         c = self.ctx
@@ -269,7 +273,7 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
             binding = head.binding(caller.identity)
             t0 = time.perf_counter()
             guard = c.guards.for_device(grant.device_id if grant is not None else None)
-            opened = await self._open_seal(binding, sealed, guard)
+            opened = await self._open_seal(head.key_id, binding, sealed, guard)
             response_key = opened.response_key
             try:
                 return await self._compute(entry.bundle, cut, head, binding, opened, t0, entry.extra)
@@ -319,12 +323,12 @@ class TailServicer(edgecut_pb2_grpc.TailServiceServicer):
         return answer
 
     async def _open_seal(
-        self, binding: sealing.Binding, sealed: bytes, guard: sealing.ReplayGuard
+        self, wanted_key: str, binding: sealing.Binding, sealed: bytes, guard: sealing.ReplayGuard
     ) -> sealing.OpenedRequest:
-        """Open the seal (replay-checked); a large frame is opened on a thread."""
+        """Open the seal with the key it names (replay-checked); a large frame is opened on a thread."""
         if len(sealed) > INLINE_OPEN_BYTES:
-            return await asyncio.to_thread(sealing.open_sealed, self.ctx.key, binding, sealed, guard=guard)
-        return sealing.open_sealed(self.ctx.key, binding, sealed, guard=guard)
+            return await asyncio.to_thread(self.ctx.key.open, wanted_key, binding, sealed, guard=guard)
+        return self.ctx.key.open(wanted_key, binding, sealed, guard=guard)
 
     async def _decode_frontier(
         self, bundle: Bundle, cut: Cut, payload: bytes, header: codec.FrameHeader
@@ -532,9 +536,9 @@ async def build_context(
 
     Call on the event loop that will serve (the batcher binds to it); the pool runs the batches.
     """
-    key = load_service_private(config.key)
+    key = KeyRing.load(config.key_paths)
     signing = load_signing_public(config.signing_pub) if config.signing_pub else None
-    grants = load_tokens(config.tokens) if config.tokens else None
+    grants = TokenStore(config.tokens) if config.tokens else None
     if grants is not None and config.tls_cert is None:
         log.warning(
             "INSECURE: device tokens are accepted over plaintext gRPC; anyone on the path can read "

@@ -331,10 +331,10 @@ class TailSession:
         where = f"server {c.target}"
         model = serverinfo.find_model(reply, c.model, c.version, where, c.build)
         mine = key_id(c.server_key)
-        if reply.key_id != mine:
+        if mine not in serverinfo.key_ids(reply):
             raise SealError(
                 f"wrong server key: {c.target} opens frames sealed to key "
-                f"{reply.key_id}, but --server-key is key {mine}",
+                f"{', '.join(serverinfo.key_ids(reply))}, but --server-key is key {mine}",
                 hint="copy this server's service.pub to the device",
             )
         if reply.identity and reply.identity != self.identity:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gecut/v1/edgecut.proto\x12\nedgecut.v1\"\xd0\x01\n\x05\x46rame\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0b\n\x03\x63ut\x18\x04 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x05 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x06 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06sealed\x18\x08 \x01(\x0c\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\t \x01(\x04\x12\x12\n\nsent_at_ms\x18\n \x01(\x04\x12\x0e\n\x06\x63\x61ncel\x18\x0b \x01(\x08\"i\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tdecode_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\r\"\xa4\x01\n\x06\x41nswer\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06sealed\x18\x04 \x01(\x0c\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.edgecut.v1.Timings\x12\x12\n\nsent_at_ms\x18\x06 \x01(\x04\x12\x1d\n\x15server_queue_delay_ms\x18\x07 \x01(\x01\"4\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\r\"5\n\nProbeReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x16\n\x0eserver_time_ms\x18\x02 \x01(\x04\"\x13\n\x11ServerInfoRequest\"5\n\x0eSegmentProfile\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x12\n\nlatency_ms\x18\x02 \x01(\x01\"a\n\x07\x43utInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\x12(\n\x04tail\x18\x03 \x03(\x0b\x32\x1a.edgecut.v1.SegmentProfile\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\"f\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12!\n\x04\x63uts\x18\x03 \x03(\x0b\x32\x13.edgecut.v1.CutInfo\x12\x17\n\x0fmanifest_sha256\x18\x04 \x01(\t\"\xfe\x01\n\x0fServerInfoReply\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.edgecut.v1.ModelInfo\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tkey_suite\x18\x03 \x01(\t\x12\x16\n\x0equeue_delay_ms\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\r\x12\x16\n\x0eserver_version\x18\x07 \x01(\t\x12\x10\n\x08identity\x18\x08 \x01(\t\x12\x1c\n\x14max_rows_per_request\x18\t \x01(\r\x12\x16\n\x0e\x61nswer_formats\x18\n \x03(\t2\xc6\x01\n\x0bTailService\x12\x32\n\x05Infer\x12\x11.edgecut.v1.Frame\x1a\x12.edgecut.v1.Answer(\x01\x30\x01\x12\x39\n\x05Probe\x12\x18.edgecut.v1.ProbeRequest\x1a\x16.edgecut.v1.ProbeReply\x12H\n\nServerInfo\x12\x1d.edgecut.v1.ServerInfoRequest\x1a\x1b.edgecut.v1.ServerInfoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gecut/v1/edgecut.proto\x12\nedgecut.v1\"\xe0\x01\n\x05\x46rame\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0b\n\x03\x63ut\x18\x04 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x05 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x06 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06sealed\x18\x08 \x01(\x0c\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\t \x01(\x04\x12\x12\n\nsent_at_ms\x18\n \x01(\x04\x12\x0e\n\x06\x63\x61ncel\x18\x0b \x01(\x08\x12\x0e\n\x06key_id\x18\x0c \x01(\t\"i\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tdecode_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\r\"\xa4\x01\n\x06\x41nswer\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06sealed\x18\x04 \x01(\x0c\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.edgecut.v1.Timings\x12\x12\n\nsent_at_ms\x18\x06 \x01(\x04\x12\x1d\n\x15server_queue_delay_ms\x18\x07 \x01(\x01\"4\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\r\"5\n\nProbeReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x16\n\x0eserver_time_ms\x18\x02 \x01(\x04\"\x13\n\x11ServerInfoRequest\"5\n\x0eSegmentProfile\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x12\n\nlatency_ms\x18\x02 \x01(\x01\"a\n\x07\x43utInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\x12(\n\x04tail\x18\x03 \x03(\x0b\x32\x1a.edgecut.v1.SegmentProfile\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\"f\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12!\n\x04\x63uts\x18\x03 \x03(\x0b\x32\x13.edgecut.v1.CutInfo\x12\x17\n\x0fmanifest_sha256\x18\x04 \x01(\t\"\x8f\x02\n\x0fServerInfoReply\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.edgecut.v1.ModelInfo\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tkey_suite\x18\x03 \x01(\t\x12\x16\n\x0equeue_delay_ms\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\r\x12\x16\n\x0eserver_version\x18\x07 \x01(\t\x12\x10\n\x08identity\x18\x08 \x01(\t\x12\x1c\n\x14max_rows_per_request\x18\t \x01(\r\x12\x16\n\x0e\x61nswer_formats\x18\n \x03(\t\x12\x0f\n\x07key_ids\x18\x0b \x03(\t2\xc6\x01\n\x0bTailService\x12\x32\n\x05Infer\x12\x11.edgecut.v1.Frame\x1a\x12.edgecut.v1.Answer(\x01\x30\x01\x12\x39\n\x05Probe\x12\x18.edgecut.v1.ProbeRequest\x1a\x16.edgecut.v1.ProbeReply\x12H\n\nServerInfo\x12\x1d.edgecut.v1.ServerInfoRequest\x1a\x1b.edgecut.v1.ServerInfoReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,25 +32,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgecut.v1.edgecut_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FRAME']._serialized_start=41
-  _globals['_FRAME']._serialized_end=249
-  _globals['_TIMINGS']._serialized_start=251
-  _globals['_TIMINGS']._serialized_end=356
-  _globals['_ANSWER']._serialized_start=359
-  _globals['_ANSWER']._serialized_end=523
-  _globals['_PROBEREQUEST']._serialized_start=525
-  _globals['_PROBEREQUEST']._serialized_end=577
-  _globals['_PROBEREPLY']._serialized_start=579
-  _globals['_PROBEREPLY']._serialized_end=632
-  _globals['_SERVERINFOREQUEST']._serialized_start=634
-  _globals['_SERVERINFOREQUEST']._serialized_end=653
-  _globals['_SEGMENTPROFILE']._serialized_start=655
-  _globals['_SEGMENTPROFILE']._serialized_end=708
-  _globals['_CUTINFO']._serialized_start=710
-  _globals['_CUTINFO']._serialized_end=807
-  _globals['_MODELINFO']._serialized_start=809
-  _globals['_MODELINFO']._serialized_end=911
-  _globals['_SERVERINFOREPLY']._serialized_start=914
-  _globals['_SERVERINFOREPLY']._serialized_end=1168
-  _globals['_TAILSERVICE']._serialized_start=1171
-  _globals['_TAILSERVICE']._serialized_end=1369
+  _globals['_FRAME']._serialized_end=265
+  _globals['_TIMINGS']._serialized_start=267
+  _globals['_TIMINGS']._serialized_end=372
+  _globals['_ANSWER']._serialized_start=375
+  _globals['_ANSWER']._serialized_end=539
+  _globals['_PROBEREQUEST']._serialized_start=541
+  _globals['_PROBEREQUEST']._serialized_end=593
+  _globals['_PROBEREPLY']._serialized_start=595
+  _globals['_PROBEREPLY']._serialized_end=648
+  _globals['_SERVERINFOREQUEST']._serialized_start=650
+  _globals['_SERVERINFOREQUEST']._serialized_end=669
+  _globals['_SEGMENTPROFILE']._serialized_start=671
+  _globals['_SEGMENTPROFILE']._serialized_end=724
+  _globals['_CUTINFO']._serialized_start=726
+  _globals['_CUTINFO']._serialized_end=823
+  _globals['_MODELINFO']._serialized_start=825
+  _globals['_MODELINFO']._serialized_end=927
+  _globals['_SERVERINFOREPLY']._serialized_start=930
+  _globals['_SERVERINFOREPLY']._serialized_end=1201
+  _globals['_TAILSERVICE']._serialized_start=1204
+  _globals['_TAILSERVICE']._serialized_end=1402
 # @@protoc_insertion_point(module_scope)

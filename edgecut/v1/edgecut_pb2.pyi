@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Frame(_message.Message):
-    __slots__ = ("request_id", "model", "version", "cut", "chunk_index", "chunk_count", "total_bytes", "sealed", "deadline_ms", "sent_at_ms", "cancel")
+    __slots__ = ("request_id", "model", "version", "cut", "chunk_index", "chunk_count", "total_bytes", "sealed", "deadline_ms", "sent_at_ms", "cancel", "key_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class Frame(_message.Message):
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_MS_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: str
@@ -30,7 +31,8 @@ class Frame(_message.Message):
     deadline_ms: int
     sent_at_ms: int
     cancel: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., cut: _Optional[str] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sealed: _Optional[bytes] = ..., deadline_ms: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., cancel: _Optional[bool] = ...) -> None: ...
+    key_id: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., cut: _Optional[str] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sealed: _Optional[bytes] = ..., deadline_ms: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., cancel: _Optional[bool] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "decode_ms", "compute_ms", "encode_ms", "batch_size")
@@ -117,7 +119,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., cuts: _Optional[_Iterable[_Union[CutInfo, _Mapping]]] = ..., manifest_sha256: _Optional[str] = ...) -> None: ...
 
 class ServerInfoReply(_message.Message):
-    __slots__ = ("models", "key_id", "key_suite", "queue_delay_ms", "device", "max_message_bytes", "server_version", "identity", "max_rows_per_request", "answer_formats")
+    __slots__ = ("models", "key_id", "key_suite", "queue_delay_ms", "device", "max_message_bytes", "server_version", "identity", "max_rows_per_request", "answer_formats", "key_ids")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_SUITE_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +130,7 @@ class ServerInfoReply(_message.Message):
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     MAX_ROWS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     key_id: str
     key_suite: str
@@ -138,4 +141,5 @@ class ServerInfoReply(_message.Message):
     identity: str
     max_rows_per_request: int
     answer_formats: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., key_id: _Optional[str] = ..., key_suite: _Optional[str] = ..., queue_delay_ms: _Optional[float] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., identity: _Optional[str] = ..., max_rows_per_request: _Optional[int] = ..., answer_formats: _Optional[_Iterable[str]] = ...) -> None: ...
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., key_id: _Optional[str] = ..., key_suite: _Optional[str] = ..., queue_delay_ms: _Optional[float] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., identity: _Optional[str] = ..., max_rows_per_request: _Optional[int] = ..., answer_formats: _Optional[_Iterable[str]] = ..., key_ids: _Optional[_Iterable[str]] = ...) -> None: ...

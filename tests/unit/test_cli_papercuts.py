@@ -133,7 +133,7 @@ def test_new_spellings_parse_silently(capsys: pytest.CaptureFixture[str]) -> Non
     build_parser(argv).parse_args(argv)
     assert "--spawn-cloud is deprecated" in capsys.readouterr().err  # a no-op: spawning is the default
     argv = ["cloud", "serve", "--service-key", "k", "--device", "cpu"]
-    assert build_parser(argv).parse_args(argv).key == Path("k")
+    assert build_parser(argv).parse_args(argv).key == [Path("k")]  # repeatable: a rotation holds several
     assert capsys.readouterr().err == ""
 
 
