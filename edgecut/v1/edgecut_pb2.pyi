@@ -30,7 +30,7 @@ class Frame(_message.Message):
     deadline_ms: int
     sent_at_ms: int
     cancel: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., cut: _Optional[str] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sealed: _Optional[bytes] = ..., deadline_ms: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., cancel: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., cut: _Optional[str] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sealed: _Optional[bytes] = ..., deadline_ms: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., cancel: bool = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "decode_ms", "compute_ms", "encode_ms", "batch_size")
