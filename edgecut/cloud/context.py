@@ -23,7 +23,7 @@ from edgecut.cloud.registry import Entry, Registry
 from edgecut.keys import ServicePrivateKey, load_service_private, load_signing_public
 from edgecut.runtime import OrtOptions
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("edgecut.cloud.service")  # the service's records: one logger, as operators filter it
 
 
 @dataclass(frozen=True)
