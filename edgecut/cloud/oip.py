@@ -118,6 +118,12 @@ class InferenceServicer:
         async def read() -> None:
             with contextlib.suppress(Exception):  # the client went away: its tasks are cancelled
                 async for request in requests:
+                    if len(tasks) >= MAX_STREAM_IN_FLIGHT:
+                        busy = f"RESOURCE_EXHAUSTED: more than {MAX_STREAM_IN_FLIGHT} requests in flight"
+                        reply = opb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                        refused = opb.ModelStreamInferResponse(error_message=busy, infer_response=reply)
+                        await answers.put(refused)
+                        continue
                     task = asyncio.create_task(one(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
