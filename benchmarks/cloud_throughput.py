@@ -374,7 +374,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="measured time per point, s")
     parser.add_argument("--threads", type=int, default=1, help="server ORT intra-op threads")
     parser.add_argument(
-        "--cuts", nargs="+", help="cuts whose tails are served (default: the deepest 192x7x7)"
+        "--cuts", "--cut", nargs="+", help="cuts whose tails are served (default: the deepest 192x7x7)"
     )
     parser.add_argument("--seed", type=int, default=0, help="run-order shuffle seed")
     parser.add_argument("--quick", action="store_true", help="smoke preset: 1 and 4 streams, 1 s")
