@@ -76,7 +76,6 @@ class TailPipeline:
             if answer.code == 0:
                 self.ctx.metrics.requests.labels(head.model, "OK").inc()
                 self.ctx.metrics.bytes_out.labels(head.model).inc(len(answer.sealed))
-                self.ctx.metrics.triton.request(head.model, head.version, True, time.perf_counter() - t0)
             log.debug(
                 "rid=%r model=%r version=%r cut=%r code %d in %.1f ms (batch %d)",
                 head.request_id,
@@ -157,6 +156,8 @@ class TailPipeline:
         )
         meta = framing.answer_meta(answer)
         answer.sealed = sealing.seal_response(opened.response_key, binding, encoded, meta)
+        m = bundle.manifest
+        c.metrics.triton.request(m.model, m.version, True, time.perf_counter() - t0)  # t0: before open
         return answer
 
     async def decode(
