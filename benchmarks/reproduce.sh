@@ -22,7 +22,7 @@ python benchmarks/codec_fidelity.py
 python benchmarks/int8_heads.py --bundle bundles/effl0
 python benchmarks/netem_validate.py
 python benchmarks/edge_loopback.py
-python benchmarks/cloud_throughput.py
-python benchmarks/cloud_throughput.py --cut c05 --out benchmarks/results/cloud_throughput_c05
+python benchmarks/cloud_throughput.py --bundle bundles/effl0 --cuts c03 c06 c11 --seconds 3
+python benchmarks/oip_load.py --bundle bundles/effl0 --seconds 3
 python benchmarks/replicas.py --bundle bundles/effl0
 python benchmarks/failover.py --bundle bundles/effl0

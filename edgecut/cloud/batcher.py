@@ -289,6 +289,11 @@ class Batcher:
         self.metrics.compute_seconds.labels(lane.model).observe(compute_ms / 1e3)
         for item in items:
             self.metrics.queue_seconds.labels(lane.model).observe(start - item.enqueued)
+        nv, version = self.metrics.triton, lane.bundle.manifest.version
+        nv.count.labels(lane.model, version).inc(sum(item.rows for item in items))
+        nv.exec_count.labels(lane.model, version).inc(1 if batched else len(items))
+        nv.queue_us.labels(lane.model, version).inc(sum(start - item.enqueued for item in items) * 1e6)
+        nv.compute_us.labels(lane.model, version).inc(compute_ms * 1e3 * len(items))
         self.metrics.queue_delay_ms.set(self.queue_delay_ms())
 
 

@@ -90,7 +90,8 @@ class TailReplica:
     """
 
     async def __init__(self, config: Mapping[str, Any]) -> None:  # type: ignore[misc]
-        from edgecut.cloud.service import TailServicer, build_context  # grpc and ORT load here
+        from edgecut.cloud.context import build_context  # grpc and ORT load here
+        from edgecut.cloud.service import TailServicer
 
         self._ctx, self._pool = await build_context(ServeConfig.from_mapping(config, source="ray app"))
         self._servicer = TailServicer(self._ctx)

@@ -32,7 +32,7 @@ class Frame(_message.Message):
     sent_at_ms: int
     cancel: bool
     key_id: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., cut: _Optional[str] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sealed: _Optional[bytes] = ..., deadline_ms: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., cancel: _Optional[bool] = ..., key_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., cut: _Optional[str] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sealed: _Optional[bytes] = ..., deadline_ms: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., cancel: bool = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "decode_ms", "compute_ms", "encode_ms", "batch_size")

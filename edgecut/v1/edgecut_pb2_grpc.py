@@ -5,7 +5,7 @@ import warnings
 
 from edgecut.v1 import edgecut_pb2 as edgecut_dot_v1_dot_edgecut__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class TailServiceStub:
+class TailServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -51,7 +51,7 @@ class TailServiceStub:
                 _registered_method=True)
 
 
-class TailServiceServicer:
+class TailServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Infer(self, request_iterator, context):
@@ -101,7 +101,7 @@ def add_TailServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class TailService:
+class TailService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
