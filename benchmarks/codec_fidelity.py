@@ -263,6 +263,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="copy the calibrated bundle here (for `edgecut inspect`)")
     args = parser.parse_args()
     samples, calib, repeats = (16, 16, 3) if args.quick else (args.samples, args.calibration, args.repeats)
+    rev = revision()  # at the start: the code that runs, whatever is edited meanwhile
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = partition(load_model("efficientnet-lite0"), Path(tmp) / "effl0")
@@ -272,7 +273,7 @@ def main() -> None:
             shutil.copytree(bundle.root, args.keep, dirs_exist_ok=True)
     result = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "revision": revision(),
+        "revision": rev,
         "versions": versions(),
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),

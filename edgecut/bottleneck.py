@@ -34,6 +34,7 @@ LOADING_SIGMAS = 4.0  # Δ = 2·LOADING_SIGMAS·σ₀ / (2^B - 2): B-bit codes s
 # Per-component band the quantizer covers, [100 - p, p] percentiles of its calibration coefficients;
 # values outside clip. With a common step, a wide band costs few bits (outer codes are rare).
 CLIP_PERCENTILE = 99.99
+CODE_FORMAT = b"zigzag-v2"  # enters basis_id: frames of the older offset-code format are refused
 MIN_SPATIAL = 4  # PCA needs many samples per channel: only rank ≥ 3 tensors with H·W ≥ this
 
 
@@ -71,8 +72,9 @@ class Bottleneck:
 
     @property
     def basis_id(self) -> int:
-        """u32 naming these exact numbers, so a frame encoded against another fit is refused."""
-        h = hashlib.sha256(self.mean.tobytes() + self.basis.tobytes())
+        """u32 naming these exact numbers and the code format, so a frame encoded against another
+        fit, or by an edge that maps codes differently, is refused instead of misread."""
+        h = hashlib.sha256(CODE_FORMAT + self.mean.tobytes() + self.basis.tobytes())
         return int.from_bytes(h.digest()[:4], "little")
 
     def variant(self, bits: int) -> Variant:
