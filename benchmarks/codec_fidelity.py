@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -53,7 +54,7 @@ from edgecut.partition.load import load_model
 from edgecut.sealing import Binding, open_request, seal_request
 
 RESULTS = Path(__file__).parent / "results"
-CODECS = (*DEFAULT_CODECS, "pca3", "pca2")
+CODECS = (*DEFAULT_CODECS, "pca3", "pca3-z19", "pca2")
 TARGET_INT8, TARGET_RATIO, TARGET_RATIO_AGREEMENT, TARGET_CONFIDENT_VIEWS = 0.995, 0.2, 0.99, 30
 TARGET_CUT_FRACTION = 0.4
 
@@ -259,16 +260,20 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=96, help="held-out views")
     parser.add_argument("--calibration", type=int, default=64, help="calibration views")
     parser.add_argument("--repeats", type=int, default=30, help="timing repeats per op")
+    parser.add_argument("--keep", type=Path, help="copy the calibrated bundle here (for `edgecut inspect`)")
     args = parser.parse_args()
     samples, calib, repeats = (16, 16, 3) if args.quick else (args.samples, args.calibration, args.repeats)
+    rev = revision()  # at the start: the code that runs, whatever is edited meanwhile
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = partition(load_model("efficientnet-lite0"), Path(tmp) / "effl0")
         bundle = calibrate_bundle(bundle, "builtin", codecs=CODECS, calib_count=calib, heldout_count=samples)
         result = report(bundle, timings(bundle, Path(tmp) / "keys", repeats))
+        if args.keep is not None:
+            shutil.copytree(bundle.root, args.keep, dirs_exist_ok=True)
     result = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "revision": revision(),
+        "revision": rev,
         "versions": versions(),
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -279,7 +284,9 @@ def main() -> None:
         "heldout_photos": list(HELDOUT_PHOTOS),
         "setup": "1 ORT thread; bytes = mean over held-out batch-1 frames before sealing; "
         "agreement = top-1 vs the unsplit model; times = median on one held-out view",
-        "command": "python benchmarks/codec_fidelity.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/codec_fidelity.py"
+        + (" --quick" if args.quick else "")
+        + (f" --repeats {args.repeats}" if not args.quick and args.repeats != 30 else ""),
         "seconds": round(time.perf_counter() - t0, 1),
     } | result
     RESULTS.mkdir(exist_ok=True)

@@ -56,14 +56,16 @@ def test_stored_rows_say_what_they_rest_on(effl0_bundle: Path) -> None:
 
 
 def test_pca_bottleneck_keeps_confident_answers_on_fresh_heldout_views(effl0_bundle: Path) -> None:
-    """At a shallow cut, pca4 sends a fraction of JPEG q90's bytes and, on held-out views the
-    stored report never saw (another seed), changes no more than one confident answer in 20."""
+    """At a shallow cut, pca4 sends at most 0.2x JPEG q90's bytes at >= 99 % top-1 agreement on
+    >= 30 confident held-out views (the issue's target, on the stored report), and on held-out
+    views that report never saw (another seed) changes no more than one confident answer in 20."""
     bundle = load_bundle(effl0_bundle)
     m = bundle.manifest
     stored = {r["codec"]: r for r in m.fidelity if r["cut"] in (SHALLOW, "input")}
-    assert stored["pca4-z3"]["bytes"] <= 0.3 * stored["jpeg90"]["bytes"]
+    assert stored["pca4-z3"]["bytes"] <= 0.2 * stored["jpeg90"]["bytes"]
+    assert stored["pca4-z19"]["bytes"] < stored["pca4-z3"]["bytes"]  # same codes, deeper search
     assert stored["pca4-z3"]["confident_views"] >= 30
-    assert stored["pca4-z3"]["agreement_confident"] >= 0.97
+    assert stored["pca4-z3"]["agreement_confident"] >= 0.99
     assert bundle.path(m.bottlenecks[SHALLOW]).is_file() and m.bottlenecks[SHALLOW] in m.files
     chains = segment_chains(bundle)
     _, photos = photo_sets("builtin", m)

@@ -31,9 +31,7 @@ def fitted(x: np.ndarray, budgets: tuple[int, ...] = (4,), k: int | None = None)
     plain = bottleneck.Bottleneck(mean, basis, variance, {})
     coefficients = bottleneck.project(x, plain, basis.shape[1])
     k = k or basis.shape[1]
-    variants = {
-        b: bottleneck.fit_variant(coefficients, bottleneck.allocate(variance, b, k), b) for b in budgets
-    }
+    variants = {b: bottleneck.fit_variant(coefficients, variance, b, k) for b in budgets}
     return bottleneck.Bottleneck(mean, basis, variance, variants)
 
 
@@ -53,10 +51,38 @@ def test_full_rank_projection_round_trips(channels: int, n: int, seed: int) -> N
 
 
 @pytest.mark.parametrize("budget", [2, 3, 4, 8])
-def test_allocation_gives_the_strongest_component_the_budget_and_never_under_2(budget: int) -> None:
-    bits = bottleneck.allocate(np.array([16.0, 4.0, 1.0, 1e-9], np.float32), budget, 4)
-    assert bits[0] == budget and np.all(np.diff(bits.astype(int)) <= 0) and bits.min() == 2
-    assert bits.max() <= budget
+def test_allocation_gives_the_strongest_component_its_budget_and_weaker_ones_fewer_bits(budget: int) -> None:
+    """B-bit codes span ±4σ of the strongest component; weaker ones get the fewest bits whose
+    levels still cover their extent at the same step (2 at least, 8 at most)."""
+    variance = np.array([16.0, 4.0, 1.0, 0.05, 1e-9], np.float32)
+    step = bottleneck.step_for(variance, budget)
+    assert step == pytest.approx(8 * 4.0 / (2**budget - 2))
+    extent = 4 * np.sqrt(variance)
+    bits = bottleneck.allocate(extent, step).astype(int)
+    assert bits[0] == budget and np.all(np.diff(bits) <= 0) and bits[-1] == 2
+    assert np.all((2.0**bits - 2) / 2 * step >= extent * (1 - 1e-6))  # each band is covered ...
+    fewer = bits > 2
+    assert np.all((2.0 ** (bits[fewer] - 1) - 2) / 2 * step < extent[fewer])  # ... by the fewest bits
+    assert bottleneck.allocate(np.array([1e9]), step)[0] == 8
+
+
+@FUZZ
+@given(st.integers(2, 8), st.floats(0.01, 100), st.integers(0, 10_000))
+def test_quantizer_error_is_at_most_half_a_step_inside_the_band(budget: int, scale: float, seed: int) -> None:
+    """Every component shares the step Δ; inside its band a value comes back within Δ/2, and zero
+    (the mean) is exact, so a component that carries nothing costs nothing in error."""
+    rng = np.random.default_rng(seed)
+    variance = np.array([scale**2, (scale / 3) ** 2, (scale / 50) ** 2])
+    coefficients = rng.normal(size=(500, 3)) * np.sqrt(variance)
+    v = bottleneck.fit_variant(coefficients, variance, budget, 3)
+    step = bottleneck.step_for(variance, budget)
+    assert np.allclose((v.hi - v.lo) / v.levels, step, rtol=1e-5)
+    inside = np.all((coefficients >= v.lo) & (coefficients <= v.hi), axis=1)
+    codes = bottleneck.quantize_planes(coefficients, v)
+    back = bottleneck.dequantize_planes(codes, v)
+    assert np.all(np.abs(back - coefficients)[inside] <= step / 2 * (1 + 1e-4) + 1e-6)
+    assert np.all(bottleneck.dequantize_planes(bottleneck.quantize_planes(np.zeros((1, 3)), v), v) == 0)
+    assert codes.max() <= 2 ** int(v.bits.max()) - 2
 
 
 def test_low_rank_data_survives_a_few_components_within_the_quantizer_step() -> None:
