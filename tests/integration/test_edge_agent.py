@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -160,6 +161,24 @@ def test_unreachable_at_start(effl0_bundle: Path, keys: KeyPaths, photos: list) 
     assert [r.where for r in results] == ["local"] * 3
     with pytest.raises(UnavailableError, match="unreachable"):
         run_agent(dataclasses.replace(cfg, fallback="fail"), inputs(photos[:1]))
+
+
+def test_local_fallback_logs_once_then_warns_periodically(
+    effl0_bundle: Path, keys: KeyPaths, photos: list, caplog: pytest.LogCaptureFixture
+) -> None:
+    """20 inputs computed locally (no cloud at all): one INFO line about it, not one per input;
+    the periodic warning still says the cloud is not being used."""
+    cfg = config(effl0_bundle, free_port(), keys, cut="c06", fallback="local")
+    items = [image_input(i, photos[i % len(photos)][0], photos[i % len(photos)][1]) for i in range(20)]
+    with caplog.at_level(logging.DEBUG, logger="edgecut.edge.agent"):
+        results = run_agent(cfg, items)
+    assert [r.where for r in results] == ["local"] * 20
+    records = [r for r in caplog.records if r.name == "edgecut.edge.agent"]
+    info = [r for r in records if r.levelno == logging.INFO]
+    assert 1 <= len(info) <= 2 and "locally" in info[-1].getMessage()
+    assert sum("computing cut c06 locally" in r.getMessage() for r in records) == 20  # rest at DEBUG
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert sum("requests meant for the cloud were all computed locally" in w for w in warnings) == 4
 
 
 def test_wrong_server_key_is_one_clear_error(
