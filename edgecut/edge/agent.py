@@ -186,7 +186,7 @@ class Agent:
             work.cut, work.codec = self.choice.current()
             self._run_head(work, feeds)
         except EdgecutError as exc:
-            work.result = self._failed(work, str(exc))
+            work.result = self._failed(work, _unnamed(str(exc), item.name))
 
     def _prepare(self, item: Input) -> dict[str, np.ndarray]:
         m = self.bundle.manifest
@@ -196,8 +196,7 @@ class Agent:
         spec = m.inputs[0]
         if tuple(data.shape) != spec.shape or str(data.dtype) != spec.dtype:
             raise UsageError(
-                f"{item.name}: input is {data.dtype}{list(data.shape)}, the model "
-                f"needs {spec.dtype}{list(spec.shape)}"
+                f"input is {data.dtype}{list(data.shape)}, the model needs {spec.dtype}{list(spec.shape)}"
             )
         return {spec.name: data}
 
@@ -380,11 +379,17 @@ def file_input(position: int, path: str) -> Input:
     p = Path(path)
     if p.suffix.lower() == ".npy":
         return Input(position, path, lambda: _load_npy(p))
-    return Input(position, path, lambda: load_image(p))
+    return Input(position, path, lambda: load_image(p, path))
 
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: not a readable .npy tensor ({exc.__class__.__name__})") from None
+        raise UsageError(f"not a readable .npy tensor ({exc.__class__.__name__})") from None
+
+
+def _unnamed(message: str, name: str) -> str:
+    """The error without a leading "<input name>: ": a Result (and its log line) names its input
+    once already, while `load_image` names the file for its other callers."""
+    return message.removeprefix(f"{name}: ")

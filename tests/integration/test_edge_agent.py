@@ -203,8 +203,14 @@ def test_server_lacks_the_model_version(
 
 
 def test_cli_bad_inputs_get_one_line_each(
-    effl0_bundle: Path, keys: KeyPaths, tail_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    effl0_bundle: Path,
+    keys: KeyPaths,
+    tail_server: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """Each bad input is one result line, and its path appears once (in the line and the warning),
+    not once from the image loader and again from the agent."""
     photos_dir = tmp_path / "photos"
     photos_dir.mkdir()
     for name, im in sample_photos()[:2]:
@@ -229,10 +235,15 @@ def test_cli_bad_inputs_get_one_line_each(
                 "--json",
             ]
         )
-        lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        captured = capsys.readouterr()
+        lines = [json.loads(x) for x in captured.out.splitlines()]
         assert code == 1 and len(lines) == 3
         bad = [x for x in lines if x["where"] == "failed"]
-        assert len(bad) == 1 and "broken.jpg" in bad[0]["error"]
+        broken = str(photos_dir / "broken.jpg")
+        assert len(bad) == 1 and bad[0]["input"] == broken
+        assert bad[0]["error"] == "not a readable image (UnidentifiedImageError)"
+        logged = "".join(captured.err.split())  # the log console may wrap a long line
+        assert logged.count("broken.jpg") == 1 and "notareadableimage" in logged, captured.err
         assert all(x["top5"] and x["top5"][0]["label"] for x in lines if x["where"] == "cloud")
 
         code = main(
@@ -253,6 +264,7 @@ def test_cli_bad_inputs_get_one_line_each(
         )
     out = capsys.readouterr().out.strip()
     assert code == 1 and out.count("\n") == 0 and "the model needs float32[1, 3, 224, 224]" in out
+    assert out.count("wrong.npy") == 1, out
 
 
 def test_auto_cut_plans_and_says_so(
