@@ -19,7 +19,8 @@ Wire format, version 1 (all integers little-endian, no padding):
     scheme       0 none, 1 fp16, 2 int8, 3 int4, 4 jpeg, 5 int6, 6 pca, 7 webp, 8 png
     granularity  0 tensor, 1 channel
     dtype        0 float32, 1 float16, 2 int64, 3 int32, 4 int8, 5 uint8, 6 bool
-    dict_id      id of the zstd dictionary the body was compressed with, 0 for none
+    dict_id      reserved, always 0 (zstd dictionaries cannot be shipped or negotiated, so a frame
+                 with a nonzero id is refused rather than misread)
 
 Float tensors use the frame's scheme, others always travel raw (`none`). For the affine schemes,
 element x is sent as code q = round((x - offset) / scale), clipped to 0..L, and decoded as
@@ -172,7 +173,6 @@ class FrameHeader:
     scheme: str
     granularity: str
     zstd: bool
-    dict_id: int  # 0 when no dictionary
     tensors: tuple[TensorHeader, ...]
     header_bytes: int  # where the body starts
     body_bytes: int  # on the wire (compressed if zstd)
@@ -188,7 +188,6 @@ def encode(
     codec: CodecSpec,
     calibration: Calibration | None = None,
     *,
-    dictionary: zstandard.ZstdCompressionDict | None = None,
     image_norm: imagecodec.ImageNorm | None = None,
 ) -> bytes:
     """Encode the frontier `tensors` (exactly those `specs` name) into one frame.
@@ -211,12 +210,9 @@ def encode(
         heads.append(head)
         parts.append(data.data)  # a buffer view, no copy
     body = b"".join(parts)
-    dict_id = 0
     if codec.zstd_level:
-        body = _zstd_context("compress", codec.zstd_level, dictionary).compress(body)
-        dict_id = dictionary.dict_id() if dictionary else 0
-    fixed = (codec.scheme, codec.granularity, bool(codec.zstd_level), dict_id)
-    return _pack_header(*fixed, heads) + body
+        body = _zstd_context("compress", codec.zstd_level).compress(body)
+    return _pack_header(codec.scheme, codec.granularity, bool(codec.zstd_level), heads) + body
 
 
 def decode(
@@ -224,7 +220,6 @@ def decode(
     specs: Sequence[TensorSpec],
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
-    dictionary: zstandard.ZstdCompressionDict | None = None,
     image_norm: imagecodec.ImageNorm | None = None,
     calibration: Calibration | None = None,
 ) -> dict[str, np.ndarray]:
@@ -233,7 +228,7 @@ def decode(
     A pca frame needs the cut's `calibration` (the same bottlenecks the edge encoded with)."""
     header = header_of(payload, max_bytes=max_bytes)
     _check_header(header, specs)
-    body = _body(memoryview(payload)[header.header_bytes :], header, dictionary)
+    body = _body(memoryview(payload)[header.header_bytes :], header)
     if header.scheme in IMAGE_SCHEMES:
         (t,) = header.tensors
         x = imagecodec.decode_images(body, t.shape, image_norm, header.scheme)
@@ -259,6 +254,10 @@ def header_of(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> FrameHea
         raise CodecError(f"not an edgecut frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
     if version != VERSION or flags & ~_ZSTD:
         raise CodecError(f"unsupported frame version {version} / flags {flags:#x}")
+    if dict_id:
+        raise CodecError(
+            f"frame names zstd dictionary {dict_id}; dictionaries are not supported (dict_id must be 0)"
+        )
     scheme = _lookup(SCHEMES, scheme_code, "scheme")
     granularity = _lookup(GRANULARITIES, granularity_code, "granularity")
     if count > MAX_TENSORS or (scheme in IMAGE_SCHEMES and count != 1):
@@ -268,7 +267,6 @@ def header_of(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> FrameHea
         scheme,
         granularity,
         bool(flags & _ZSTD),
-        dict_id,
         tensors,
         reader.pos,
         len(payload) - reader.pos,
@@ -307,17 +305,6 @@ def _read_bottlenecks(bundle: Bundle, file: str) -> dict[str, bottleneck.Bottlen
     if file not in bundle.manifest.files or hashlib.sha256(data).hexdigest() != bundle.manifest.files[file]:
         raise IntegrityError(f"bundle '{bundle.name}' {file}: sha256 mismatch or not listed in the manifest")
     return bottleneck.from_npz(data, f"bundle '{bundle.name}' {file}")
-
-
-def train_dictionary(samples: Sequence[bytes], size: int = 16384) -> zstandard.ZstdCompressionDict:
-    """Train a zstd dictionary on sample bodies (e.g. frames encoded with zstd_level=0).
-
-    Dictionaries pay off for small frames, where zstd has too little data to learn from.
-    """
-    try:
-        return zstandard.train_dictionary(size, list(samples))
-    except zstandard.ZstdError as error:
-        raise CodecError(f"zstd dictionary training failed ({error}); give more samples") from None
 
 
 # --- encoding ------------------------------------------------------------------------------------
@@ -371,14 +358,12 @@ def _encode_image(
     body = imagecodec.encode_images(x, norm, codec.jpeg_quality, codec.scheme)
     empty = np.empty(0, np.float32)
     head = TensorHeader(specs[0].name, specs[0].dtype, x.shape, empty, empty, len(body))
-    return _pack_header(codec.scheme, codec.granularity, False, 0, [head]) + body
+    return _pack_header(codec.scheme, codec.granularity, False, [head]) + body
 
 
-def _pack_header(
-    scheme: str, granularity: str, zstd: bool, dict_id: int, tensors: Sequence[TensorHeader]
-) -> bytes:
+def _pack_header(scheme: str, granularity: str, zstd: bool, tensors: Sequence[TensorHeader]) -> bytes:
     codes = (SCHEMES.index(scheme), GRANULARITIES.index(granularity), _ZSTD if zstd else 0)
-    parts = [_FIXED.pack(MAGIC, VERSION, *codes, dict_id, len(tensors))]
+    parts = [_FIXED.pack(MAGIC, VERSION, *codes, 0, len(tensors))]  # dict_id reserved: 0
     for t in tensors:
         name = t.name.encode()
         if len(name) > 255 or len(t.shape) > MAX_RANK:
@@ -478,16 +463,11 @@ def _check_header(header: FrameHeader, specs: Sequence[TensorSpec]) -> None:
         _check_shape(spec, tensor.shape)
 
 
-def _body(
-    data: memoryview, header: FrameHeader, dictionary: zstandard.ZstdCompressionDict | None
-) -> memoryview:
+def _body(data: memoryview, header: FrameHeader) -> memoryview:
     if not header.zstd:
         return data
-    have = dictionary.dict_id() if dictionary else 0
-    if header.dict_id and header.dict_id != have:
-        raise CodecError(f"frame needs zstd dictionary {header.dict_id}, this side has {have or 'none'}")
     try:
-        context = _zstd_context("decompress", 0, dictionary if header.dict_id else None)
+        context = _zstd_context("decompress", 0)
         return memoryview(context.decompress(data, allow_extra_data=False))
     except zstandard.ZstdError as error:
         raise CodecError(f"frame body does not decompress: {error}") from None
@@ -566,19 +546,18 @@ def _lookup(names: tuple[str, ...], code: int, what: str) -> str:
 _contexts = threading.local()
 
 
-def _zstd_context(kind: str, level: int, dictionary: zstandard.ZstdCompressionDict | None) -> Any:
+def _zstd_context(kind: str, level: int) -> Any:
     """A reusable zstd (de)compressor: per thread, since zstd contexts are not thread-safe.
 
-    Reuse saves allocating the context and digesting the dictionary on every frame.
+    Reuse saves allocating a context on every frame.
     """
-    cache: dict[tuple[str, int, int], tuple[Any, Any]] = _contexts.__dict__.setdefault("cache", {})
-    key = (kind, level, id(dictionary))
+    cache: dict[tuple[str, int], Any] = _contexts.__dict__.setdefault("cache", {})
+    key = (kind, level)
     if key not in cache:
         if len(cache) >= 8:
             cache.clear()
         if kind == "compress":
-            context: Any = zstandard.ZstdCompressor(level=level, dict_data=dictionary)
+            cache[key] = zstandard.ZstdCompressor(level=level)
         else:
-            context = zstandard.ZstdDecompressor(dict_data=dictionary)
-        cache[key] = (dictionary, context)  # holding the dictionary keeps its id() unique
-    return cache[key][1]
+            cache[key] = zstandard.ZstdDecompressor()
+    return cache[key]

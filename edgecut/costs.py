@@ -90,13 +90,26 @@ def _costs_at(
         if variant is not None and (cut.depth == 0 or vrow is None or not vrow.offered):
             continue  # no head to quantize, or the variant loses more than the accuracy budget
         edge_ms = sum(edge.segment_ms(s.name) for s in m.head(cut.id))
-        mem = sum(bundle.size_bytes(s.file) for s in m.head(cut.id))
+        weight_bytes = sum(bundle.size_bytes(s.file) for s in m.head(cut.id))
         head_drop = 0.0
         if vrow is not None:
-            edge_ms, mem, head_drop = _variant_head(m, edge, vrow, precision, edge_ms)
+            edge_ms, weight_bytes, head_drop = _variant_head(m, edge, vrow, precision, edge_ms)
         if cut.id == m.cuts[-1].id:
             costs.append(
-                CutCost(cut.id, cut.depth, "none", edge_ms, 0.0, 0.0, 0, 0, 0.0, mem, head_drop, precision)
+                CutCost(
+                    cut.id,
+                    cut.depth,
+                    "none",
+                    edge_ms,
+                    0.0,
+                    0.0,
+                    0,
+                    0,
+                    0.0,
+                    weight_bytes,
+                    head_drop,
+                    precision,
+                )
             )
             continue
         cloud_ms = sum(_cloud_ms(cloud, edge, s.name) for s in m.tail(cut.id))
@@ -118,7 +131,7 @@ def _costs_at(
                     bytes_up,
                     down,
                     cloud_ms,
-                    mem,
+                    weight_bytes,
                     drop,
                     precision,
                 )

@@ -43,7 +43,7 @@ class CutCost:
     bytes_up: int  # request frame bytes after codec and seal; 0 means edge-only
     bytes_down: int  # answer frame bytes
     cloud_ms: float  # sum of tail segment latencies seg_k+1..seg_N (0 for "output")
-    edge_mem_bytes: int = 0  # peak memory of the edge part
+    edge_weight_bytes: int = 0  # bytes of the head's segment weights the edge holds (not peak memory)
     accuracy_drop: float | None = 0.0  # 1 - top-1 agreement with the unsplit model, 0..1; None = unknown
     precision: str = "float"  # edge head precision: "float" or a variant such as "int8"
 
@@ -58,7 +58,7 @@ class Constraints:
     """Limits an option must respect to be chosen at all; None means unlimited."""
 
     min_depth: int = 0  # options shallower than this are refused (raw input stays on the device)
-    max_edge_mem_bytes: int | None = None  # edge peak memory budget
+    max_edge_weight_bytes: int | None = None  # budget for the head's weights on the edge
     max_accuracy_drop: float | None = None  # accuracy budget, 0..1 (0.005 = half a point)
 
     def violations(self, cost: CutCost) -> list[str]:
@@ -66,8 +66,9 @@ class Constraints:
         found = []
         if cost.depth < self.min_depth:
             found.append(f"min_depth: depth {cost.depth} < {self.min_depth}")
-        if self.max_edge_mem_bytes is not None and cost.edge_mem_bytes > self.max_edge_mem_bytes:
-            found.append(f"max_edge_mem_bytes: {cost.edge_mem_bytes} B > {self.max_edge_mem_bytes} B")
+        budget = self.max_edge_weight_bytes
+        if budget is not None and cost.edge_weight_bytes > budget:
+            found.append(f"max_edge_weight_bytes: {cost.edge_weight_bytes} B of weights > {budget} B")
         if self.max_accuracy_drop is not None:
             if cost.accuracy_drop is None:
                 found.append("max_accuracy_drop: accuracy unknown (no fidelity row)")
@@ -227,7 +228,6 @@ class Replanner:
         self._margin = margin
         self._min_gain_ms = min_gain_ms
         self._current: PlanRow | None = None
-        self.last_plan: Plan | None = None  # the most recent full table, for status pages
 
     @property
     def current(self) -> PlanRow | None:
@@ -241,7 +241,6 @@ class Replanner:
         longer allowed (new costs), the best one replaces it regardless of hysteresis.
         """
         new_plan = plan(self._costs, link, self._constraints, self._objective)
-        self.last_plan = new_plan
         best, held = new_plan.chosen, self._held(new_plan)
         old, self._current = self._current, best
         if old is None:

@@ -7,8 +7,9 @@ whose stream broke (a replica died or failed it) is resent under a fresh id, to 
 when there is one, up to `cloud_attempts` sends in all; a request the cloud cannot answer (down,
 too slow, overloaded) is then retried once or computed locally (segments k+1..N) per `fallback`;
 either way it yields exactly one result, marked with where it was computed. A run that keeps
-falling back says so: a warning after every `FALLBACK_WARN_AFTER` local answers in a row (and
-`edgecut edge run` in its summary line). A cut the server refuses outright leaves the auto plan.
+falling back says so: one INFO line at the first local answer (the rest of the run at DEBUG), a
+warning after every `FALLBACK_WARN_AFTER` local answers in a row (and `edgecut edge run` in its
+summary line). A cut the server refuses outright leaves the auto plan.
 Bad inputs yield one error result each and the loop keeps going.
 """
 
@@ -185,7 +186,7 @@ class Agent:
             work.cut, work.codec = self.choice.current()
             self._run_head(work, feeds)
         except EdgecutError as exc:
-            work.result = self._failed(work, str(exc))
+            work.result = self._failed(work, _unnamed(str(exc), item.name))
 
     def _prepare(self, item: Input) -> dict[str, np.ndarray]:
         m = self.bundle.manifest
@@ -195,8 +196,7 @@ class Agent:
         spec = m.inputs[0]
         if tuple(data.shape) != spec.shape or str(data.dtype) != spec.dtype:
             raise UsageError(
-                f"{item.name}: input is {data.dtype}{list(data.shape)}, the model "
-                f"needs {spec.dtype}{list(spec.shape)}"
+                f"input is {data.dtype}{list(data.shape)}, the model needs {spec.dtype}{list(spec.shape)}"
             )
         return {spec.name: data}
 
@@ -247,15 +247,28 @@ class Agent:
             return self._recover(work, exc)
 
     def _recover(self, work: _Work, exc: EdgecutError) -> Result:
+        # While the cloud keeps failing, one INFO line starts the run of local answers and the
+        # rest go to DEBUG: a user sees it once, then the periodic warning, not a line per input.
+        level = logging.DEBUG if self.fallbacks_in_a_row else logging.INFO
         if isinstance(exc, UnavailableError) and work.attempts < self.options.cloud_attempts:
-            log.info("%s: %s; resending (attempt %d)", work.item.name, exc, work.attempts + 1)
+            again = level if work.attempts <= 1 else logging.DEBUG  # the first resend, not each
+            log.log(again, "%s: %s; resending (attempt %d)", work.item.name, exc, work.attempts + 1)
             self.resent += 1
             self._submit(work)
             return self._answer(work)
         if isinstance(exc, RemoteError) and exc.status in REFUSALS:
             self.choice.refused(work.cut, work.codec, str(exc))
         if self.options.fallback == "local":
-            log.info("%s: cloud failed (%s); computing cut %s locally", work.item.name, exc, work.cut)
+            log.log(
+                level,
+                "%s: cloud failed (%s); computing cut %s locally%s",
+                work.item.name,
+                exc,
+                work.cut,
+                " (further local answers are logged at DEBUG until the cloud answers again)"
+                if level == logging.INFO
+                else "",
+            )
             self._count_fallback(str(exc))
             try:
                 return self._local(work, str(exc))
@@ -366,11 +379,17 @@ def file_input(position: int, path: str) -> Input:
     p = Path(path)
     if p.suffix.lower() == ".npy":
         return Input(position, path, lambda: _load_npy(p))
-    return Input(position, path, lambda: load_image(p))
+    return Input(position, path, lambda: load_image(p, path))
 
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: not a readable .npy tensor ({exc.__class__.__name__})") from None
+        raise UsageError(f"not a readable .npy tensor ({exc.__class__.__name__})") from None
+
+
+def _unnamed(message: str, name: str) -> str:
+    """The error without a leading "<input name>: ": a Result (and its log line) names its input
+    once already, while `load_image` names the file for its other callers."""
+    return message.removeprefix(f"{name}: ")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -162,6 +163,24 @@ def test_unreachable_at_start(effl0_bundle: Path, keys: KeyPaths, photos: list) 
         run_agent(dataclasses.replace(cfg, fallback="fail"), inputs(photos[:1]))
 
 
+def test_local_fallback_logs_once_then_warns_periodically(
+    effl0_bundle: Path, keys: KeyPaths, photos: list, caplog: pytest.LogCaptureFixture
+) -> None:
+    """20 inputs computed locally (no cloud at all): one INFO line about it, not one per input;
+    the periodic warning still says the cloud is not being used."""
+    cfg = config(effl0_bundle, free_port(), keys, cut="c06", fallback="local")
+    items = [image_input(i, photos[i % len(photos)][0], photos[i % len(photos)][1]) for i in range(20)]
+    with caplog.at_level(logging.DEBUG, logger="edgecut.edge.agent"):
+        results = run_agent(cfg, items)
+    assert [r.where for r in results] == ["local"] * 20
+    records = [r for r in caplog.records if r.name == "edgecut.edge.agent"]
+    info = [r for r in records if r.levelno == logging.INFO]
+    assert 1 <= len(info) <= 2 and "locally" in info[-1].getMessage()
+    assert sum("computing cut c06 locally" in r.getMessage() for r in records) == 20  # rest at DEBUG
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert sum("requests meant for the cloud were all computed locally" in w for w in warnings) == 4
+
+
 def test_wrong_server_key_is_one_clear_error(
     effl0_bundle: Path, keys: KeyPaths, tail_server: Any, tmp_path: Path
 ) -> None:
@@ -184,8 +203,14 @@ def test_server_lacks_the_model_version(
 
 
 def test_cli_bad_inputs_get_one_line_each(
-    effl0_bundle: Path, keys: KeyPaths, tail_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    effl0_bundle: Path,
+    keys: KeyPaths,
+    tail_server: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """Each bad input is one result line, and its path appears once (in the line and the warning),
+    not once from the image loader and again from the agent."""
     photos_dir = tmp_path / "photos"
     photos_dir.mkdir()
     for name, im in sample_photos()[:2]:
@@ -210,10 +235,15 @@ def test_cli_bad_inputs_get_one_line_each(
                 "--json",
             ]
         )
-        lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        captured = capsys.readouterr()
+        lines = [json.loads(x) for x in captured.out.splitlines()]
         assert code == 1 and len(lines) == 3
         bad = [x for x in lines if x["where"] == "failed"]
-        assert len(bad) == 1 and "broken.jpg" in bad[0]["error"]
+        broken = str(photos_dir / "broken.jpg")
+        assert len(bad) == 1 and bad[0]["input"] == broken
+        assert bad[0]["error"] == "not a readable image (UnidentifiedImageError)"
+        logged = "".join(captured.err.split())  # the log console may wrap a long line
+        assert logged.count("broken.jpg") == 1 and "notareadableimage" in logged, captured.err
         assert all(x["top5"] and x["top5"][0]["label"] for x in lines if x["where"] == "cloud")
 
         code = main(
@@ -234,6 +264,7 @@ def test_cli_bad_inputs_get_one_line_each(
         )
     out = capsys.readouterr().out.strip()
     assert code == 1 and out.count("\n") == 0 and "the model needs float32[1, 3, 224, 224]" in out
+    assert out.count("wrong.npy") == 1, out
 
 
 def test_auto_cut_plans_and_says_so(

@@ -174,3 +174,37 @@ def test_plan_codec_is_honoured_at_the_input_and_unknown_rows_are_excluded(
     assert main([*base, "--bandwidth", "1gbit", "--codec", "int8-channel-z9"]) == 0
     out = capsys.readouterr().out
     assert "agree" in out and "without a fidelity row excluded as unknown" in out
+
+
+def test_edge_weight_bytes_are_the_head_weights_and_bound_the_plan(effl0_bundle: Path) -> None:
+    """The cost table's `edge_weight_bytes` is what it says (the bytes of the head's segment files,
+    not a peak-memory figure), and a weight budget refuses deeper cuts by that number."""
+    from edgecut.costs import CloudTimes, cut_costs
+    from edgecut.link import LinkEstimate
+    from edgecut.planner import Constraints, plan
+    from edgecut.profile import Profile, SegmentTiming
+
+    bundle = load_bundle(effl0_bundle)
+    m = bundle.manifest
+    timings = tuple(SegmentTiming(s.name, 1.0, 1.0, 1) for s in m.segments)
+    edge = Profile(
+        model=m.model,
+        model_version=m.version,
+        manifest_sha256=bundle.manifest_sha256,
+        device="test",
+        runtime="ort",
+        threads=1,
+        mode="measured",
+        segments=timings,
+        created_at="2026-01-01T00:00:00Z",
+    )
+    costs = cut_costs(bundle, edge, CloudTimes({s.name: 1.0 for s in m.segments}), codecs=("int8",))
+    for c in costs:
+        assert c.edge_weight_bytes == sum(bundle.size_bytes(s.file) for s in m.head(c.cut))
+    by_cut = {c.cut: c.edge_weight_bytes for c in costs}
+    assert by_cut["input"] == 0 < by_cut["c03"] < by_cut["c06"] < by_cut[m.cuts[-1].id]
+    result = plan(costs, LinkEstimate(10e6, 10e6, 20.0), Constraints(max_edge_weight_bytes=by_cut["c03"]))
+    deeper = [r for r in result.rows if r.cost.edge_weight_bytes > by_cut["c03"]]
+    assert deeper and not any(r.allowed for r in deeper)
+    assert all("max_edge_weight_bytes" in r.reason and "B of weights" in r.reason for r in deeper)
+    assert result.chosen.cost.edge_weight_bytes <= by_cut["c03"]

@@ -22,7 +22,6 @@ from edgecut.codec import (
     decode,
     encode,
     header_of,
-    train_dictionary,
 )
 from edgecut.errors import CodecError, FrameTooLargeError, UsageError
 
@@ -200,12 +199,7 @@ def test_golden_bytes_int4_per_channel_with_an_int64_passenger() -> None:
 def test_header_of_describes_the_frame() -> None:
     payload = encode(X3, SPEC3, CodecSpec.parse("int8-channel-z3"))
     header = header_of(payload)
-    assert (header.scheme, header.granularity, header.zstd, header.dict_id) == (
-        "int8",
-        "channel",
-        True,
-        0,
-    )
+    assert (header.scheme, header.granularity, header.zstd) == ("int8", "channel", True)
     assert header.tensors[0].scale.shape == (3,) and header.decoded_bytes == 12
     vector = header_of(encode(X, SPEC, CodecSpec.parse("int8-channel-z3")))
     assert vector.tensors[0].scale.shape == (1,)  # (N, C): one range, not one per value
@@ -318,19 +312,15 @@ def test_zstd_frame_lying_about_its_size_is_refused() -> None:
         decode(valid[: header_of(valid).header_bytes] + forged, spec)
 
 
-def test_dictionary_must_match() -> None:
-    spec = [TensorSpec("a", (1, 4, 8, 8), "float32")]
-    codec = CodecSpec.parse("int8-z0")
-    samples = [encode({"a": relu6((1, 4, 8, 8), seed)}, spec, codec) for seed in range(200)]
-    dictionary = train_dictionary(samples, size=2048)
-    other = train_dictionary(samples[::-1][:150], size=1024)
-    x = {"a": relu6((1, 4, 8, 8), 999)}
-    payload = encode(x, spec, CodecSpec("int8"), dictionary=dictionary)
-    assert header_of(payload).dict_id == dictionary.dict_id() != 0
-    assert np.allclose(decode(payload, spec, dictionary=dictionary)["a"], x["a"], atol=0.02)
-    for wrong in (None, other):
-        with pytest.raises(CodecError, match="dictionary"):
-            decode(payload, spec, dictionary=wrong)
+def test_nonzero_dict_id_is_refused() -> None:
+    """zstd dictionaries cannot be shipped or negotiated, so dict_id is reserved and must be 0."""
+    valid = encode(X3, SPEC3, CodecSpec.parse("int8-channel-z3"))
+    assert struct.unpack_from("<I", valid, 8) == (0,)  # every frame this side writes leaves it 0
+    forged = valid[:8] + struct.pack("<I", 7) + valid[12:]
+    with pytest.raises(CodecError, match=r"dictionary 7; dictionaries are not supported"):
+        header_of(forged)
+    with pytest.raises(CodecError, match="dict_id must be 0"):
+        decode(forged, SPEC3)
 
 
 @given(st.binary(max_size=200))

@@ -69,7 +69,7 @@ costs_st = st.lists(
         bytes_up=st.integers(0, 2_000_000),
         bytes_down=st.integers(0, 10_000),
         cloud_ms=st.floats(0, 100),
-        edge_mem_bytes=st.integers(0, 10**9),
+        edge_weight_bytes=st.integers(0, 10**9),
         accuracy_drop=st.floats(0, 0.2),
     ),
     min_size=1,
@@ -85,7 +85,7 @@ links_st = st.builds(
 constraints_st = st.builds(
     Constraints,
     min_depth=st.integers(0, 4),
-    max_edge_mem_bytes=st.none() | st.integers(0, 10**9),
+    max_edge_weight_bytes=st.none() | st.integers(0, 10**9),
     max_accuracy_drop=st.none() | st.floats(0, 0.2),
 )
 
@@ -99,7 +99,7 @@ def brute_force_latency(c: CutCost, lk: LinkEstimate) -> float:
 
 
 def is_allowed(c: CutCost, k: Constraints) -> bool:
-    mem_ok = k.max_edge_mem_bytes is None or c.edge_mem_bytes <= k.max_edge_mem_bytes
+    mem_ok = k.max_edge_weight_bytes is None or c.edge_weight_bytes <= k.max_edge_weight_bytes
     acc_ok = k.max_accuracy_drop is None or c.accuracy_drop <= k.max_accuracy_drop
     return c.depth >= k.min_depth and mem_ok and acc_ok
 
@@ -173,12 +173,12 @@ def test_min_depth_alone():
     assert p.rows[0].reason == "min_depth: depth 0 < 1"
 
 
-def test_edge_memory_alone():
+def test_edge_weight_budget_alone():
     table = [c for c in realistic_table()]
-    table = [CutCost(**{**vars(c), "edge_mem_bytes": c.depth * 100}) for c in table]
-    p = plan(table, link(1), Constraints(max_edge_mem_bytes=350))
+    table = [CutCost(**{**vars(c), "edge_weight_bytes": c.depth * 100}) for c in table]
+    p = plan(table, link(1), Constraints(max_edge_weight_bytes=350))
     assert p.chosen.cost.cut == "c03"  # edge-only would win but needs 400 B
-    assert "max_edge_mem_bytes" in p.rows[-1].reason
+    assert "max_edge_weight_bytes" in p.rows[-1].reason
     assert not p.rows[-1].allowed
 
 
@@ -192,13 +192,13 @@ def test_accuracy_budget_alone():
 
 
 def test_constraints_combined_list_every_broken_one():
-    c = cost(0, 0.0, 1000, 1.0, edge_mem_bytes=500, accuracy_drop=0.1)
+    c = cost(0, 0.0, 1000, 1.0, edge_weight_bytes=500, accuracy_drop=0.1)
     ok = cost(3, 50.0, 1000, 1.0)
-    k = Constraints(min_depth=1, max_edge_mem_bytes=100, max_accuracy_drop=0.05)
+    k = Constraints(min_depth=1, max_edge_weight_bytes=100, max_accuracy_drop=0.05)
     p = plan([c, ok], link(10), k)
     assert p.chosen.cost == ok
     assert p.rows[0].reason.count(";") == 2
-    for name in ("min_depth", "max_edge_mem_bytes", "max_accuracy_drop"):
+    for name in ("min_depth", "max_edge_weight_bytes", "max_accuracy_drop"):
         assert name in p.rows[0].reason
 
 
@@ -206,7 +206,7 @@ def test_constraints_combined_list_every_broken_one():
     ("constraints", "names"),
     [
         (Constraints(min_depth=9), ["min_depth"]),
-        (Constraints(max_edge_mem_bytes=-1), ["max_edge_mem_bytes"]),
+        (Constraints(max_edge_weight_bytes=-1), ["max_edge_weight_bytes"]),
         (Constraints(min_depth=4, max_accuracy_drop=0.0), ["min_depth", "max_accuracy_drop"]),
     ],
 )
