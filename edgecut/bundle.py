@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -431,7 +431,3 @@ def write_manifest(root: Path, manifest: Manifest, signing_key: Any = None) -> N
         from edgecut.keys import sign_bytes
 
         (root / SIGNATURE).write_bytes(sign_bytes(signing_key, raw))
-
-
-def specs_json(specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
-    return [asdict(s) for s in specs]

@@ -86,16 +86,6 @@ class Profile:
             hint="re-run `edgecut profile` on this bundle",
         )
 
-    def codec_timing(self, cut: str, codec: str) -> CodecTiming:
-        """Timing of `codec` at `cut`; missing is an error so the planner never assumes free."""
-        for timing in self.codecs:
-            if (timing.cut, timing.codec) == (cut, codec):
-                return timing
-        raise ProfileError(
-            f"profile for {self.model} on {self.device!r} has no timing for codec {codec!r} at cut {cut!r}",
-            hint="re-run `edgecut profile` with this codec",
-        )
-
     def scaled(self, factor: float, device: str, source: str) -> Profile:
         """This profile with every time multiplied by `factor`, labelled as derived.
 

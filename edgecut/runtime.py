@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -111,28 +112,68 @@ def _provider_options(options: OrtOptions, providers: Sequence[str]) -> list[dic
     return [by_name.get(p, {}) for p in providers]
 
 
+Step = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def run_chain(
+    feeds: Mapping[str, np.ndarray], steps: Sequence[Step]
+) -> tuple[dict[str, np.ndarray], tuple[float, ...]]:
+    """Feed each step the tensors computed so far; the last step's outputs and each step's ms.
+
+    The one way segments are chained, whatever runs them (ORT sessions here, the edge's ORT
+    or LiteRT runners), so a frontier that skips a segment (a skip connection) is found alike.
+    """
+    env = dict(feeds)
+    out: dict[str, np.ndarray] = dict(feeds)
+    timings = []
+    for step in steps:
+        t0 = time.perf_counter()
+        out = step(env)
+        timings.append((time.perf_counter() - t0) * 1e3)
+        env.update(out)
+    return out, tuple(timings)
+
+
+def session_step(sess: ort.InferenceSession) -> Step:
+    """A chain step running one ORT session on the tensors it names."""
+    inputs = [i.name for i in sess.get_inputs()]
+    outputs = [o.name for o in sess.get_outputs()]
+
+    def step(env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(outputs, sess.run(outputs, {name: env[name] for name in inputs}), strict=True))
+
+    return step
+
+
+def invoke_positional(
+    it: Any, inputs: Sequence[str], outputs: Sequence[str], env: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Run a LiteRT interpreter with tensors matched by position to the manifest's names.
+
+    The converter renames tensors, so position is the only link to the ONNX segment; the
+    partitioner checks each conversion exactly as the edge runner will run it.
+    """
+    in_details, out_details = it.get_input_details(), it.get_output_details()
+    if len(in_details) != len(inputs) or len(out_details) != len(outputs):
+        raise ValueError(
+            f"{len(in_details)} inputs / {len(out_details)} outputs, the manifest has "
+            f"{len(inputs)} / {len(outputs)}"
+        )
+    for detail, name in zip(in_details, inputs, strict=True):
+        it.set_tensor(detail["index"], np.ascontiguousarray(env[name], detail["dtype"]))
+    it.invoke()
+    return {name: np.array(it.get_tensor(d["index"])) for d, name in zip(out_details, outputs, strict=True)}
+
+
 class SegmentChain:
     """Sessions for consecutive segments; `run` feeds the first and returns the last's outputs."""
 
-    def __init__(self, sessions: Sequence[ort.InferenceSession], names: Sequence[str]) -> None:
+    def __init__(self, sessions: Sequence[ort.InferenceSession]) -> None:
         self.sessions = list(sessions)
-        self.names = list(names)
-        self.last_timings_ms: list[float] = []
 
     @classmethod
     def from_files(cls, files: Sequence[Path], options: OrtOptions = OrtOptions()) -> SegmentChain:
-        return cls([make_session(f, options) for f in files], [f.name for f in files])
+        return cls([make_session(f, options) for f in files])
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        env = dict(feeds)
-        out: dict[str, np.ndarray] = dict(feeds)
-        timings = []
-        for sess in self.sessions:
-            t0 = time.perf_counter()
-            names = [o.name for o in sess.get_outputs()]
-            values = sess.run(names, {i.name: env[i.name] for i in sess.get_inputs()})
-            timings.append((time.perf_counter() - t0) * 1e3)
-            out = dict(zip(names, values, strict=True))
-            env.update(out)
-        self.last_timings_ms = timings
-        return out
+        return run_chain(feeds, [session_step(s) for s in self.sessions])[0]

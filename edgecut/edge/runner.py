@@ -17,7 +17,6 @@ segment; `run(..., precision="int8")` uses it.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 from edgecut.bundle import Bundle, Segment
 from edgecut.errors import BundleError, DependencyError, UsageError
 from edgecut.protect import ModelFiles
-from edgecut.runtime import OrtOptions, make_session
+from edgecut.runtime import OrtOptions, Step, invoke_positional, make_session, run_chain
 from edgecut.variants import FLOAT, head_variants
 
 log = logging.getLogger(__name__)
@@ -54,17 +53,8 @@ class Runner(Protocol):
     ) -> SegmentRun: ...
 
 
-def _chain(feeds: Mapping[str, np.ndarray], steps: Sequence[Any]) -> SegmentRun:
-    """Feed each step the tensors computed so far; steps are `(dict) -> dict` callables."""
-    env = dict(feeds)
-    out: dict[str, np.ndarray] = dict(feeds)
-    timings = []
-    for step in steps:
-        t0 = time.perf_counter()
-        out = step(env)
-        timings.append((time.perf_counter() - t0) * 1e3)
-        env.update(out)
-    return SegmentRun(out, tuple(timings))
+def _chain(feeds: Mapping[str, np.ndarray], steps: Sequence[Step]) -> SegmentRun:
+    return SegmentRun(*run_chain(feeds, steps))
 
 
 def _check_range(n: int, first: int, last: int) -> None:
@@ -186,11 +176,7 @@ class LiteRtRunner:
         it, seg = self._interpreters[i], self._segments[i]
 
         def step(env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            for detail, name in zip(it.get_input_details(), seg.inputs, strict=True):
-                it.set_tensor(detail["index"], np.ascontiguousarray(env[name], detail["dtype"]))
-            it.invoke()
-            outs = it.get_output_details()
-            return {name: it.get_tensor(d["index"]) for d, name in zip(outs, seg.outputs, strict=True)}
+            return invoke_positional(it, seg.inputs, seg.outputs, env)
 
         return step
 

@@ -72,8 +72,8 @@ def batched_if_safe(
         return list(segments), False
     relaxed = [relax_batch(s) for s in segments]
     try:
-        single = SegmentChain([make_session(s.SerializeToString()) for s in segments], [])
-        batch = SegmentChain([make_session(s.SerializeToString()) for s in relaxed], [])
+        single = SegmentChain([make_session(s.SerializeToString()) for s in segments])
+        batch = SegmentChain([make_session(s.SerializeToString()) for s in relaxed])
         stacked = {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
         got = batch.run(stacked)
         want = [single.run(s) for s in samples]

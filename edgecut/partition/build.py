@@ -107,12 +107,11 @@ def verify_cuts(
     from edgecut.runtime import SegmentChain, make_session
 
     sessions = [make_session(s.SerializeToString()) for s in segments]
-    names = [s.graph.name for s in segments]
     ids = _cut_ids(len(kept))
     frontier = dict(sample)
-    reference = SegmentChain(sessions, names).run(frontier)
+    reference = SegmentChain(sessions).run(frontier)
     for depth in range(1, len(kept) - 1):
-        frontier = SegmentChain(sessions[depth - 1 : depth], names[depth - 1 : depth]).run(frontier)
+        frontier = SegmentChain(sessions[depth - 1 : depth]).run(frontier)
         specs = kept[depth].frontier
         frame = encode({t.name: frontier[t.name] for t in specs}, specs, CodecSpec("none"))
         rows = {t.shape[0] for t in header_of(frame).tensors if t.shape}
@@ -121,7 +120,7 @@ def verify_cuts(
                 f"cut {ids[depth]}: a one-item request carries {sorted(rows)} rows on axis 0 "
                 "(the tail service reads axis 0 as the batch)"
             )
-        tail = SegmentChain(sessions[depth:], names[depth:]).run(decode(frame, specs))
+        tail = SegmentChain(sessions[depth:]).run(decode(frame, specs))
         for name, want in reference.items():
             if not np.allclose(
                 tail[name], want, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(want), initial=1))

@@ -86,9 +86,7 @@ def verify(
 ) -> Verification:
     """Run the unsplit model and the chained segments under ORT on the same inputs."""
     full = make_session(model.SerializeToString(), label="the unsplit model")
-    chain = SegmentChain(
-        [make_session(s.SerializeToString()) for s in segments], [s.graph.name for s in segments]
-    )
+    chain = SegmentChain([make_session(s.SerializeToString()) for s in segments])
     names = [o.name for o in full.get_outputs()]
     worst_abs, scale = 0.0, 0.0
     for feeds in samples:

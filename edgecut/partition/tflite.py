@@ -32,6 +32,7 @@ import numpy as np
 
 from edgecut.bundle import Bundle, Segment, load_bundle, sha256_file, write_manifest
 from edgecut.errors import DependencyError, UsageError
+from edgecut.runtime import invoke_positional
 
 log = logging.getLogger(__name__)
 
@@ -432,7 +433,8 @@ def _convert_one(
         diff, scale = 0.0, 0.0
         for feed in feeds:
             want = sess.run(list(seg.outputs), {k: v[:1] for k, v in feed.items()})
-            got = _run_positional(it, seg, feed)
+            one = {k: v[:1] for k, v in feed.items()}
+            got = list(invoke_positional(it, seg.inputs, seg.outputs, one).values())
             for w, g in zip(want, got, strict=True):
                 if w.shape != g.shape:
                     raise ValueError(f"output shape {g.shape} differs from ONNX {w.shape}")
@@ -448,20 +450,6 @@ def _convert_one(
             name, "drift", diff, scale, f"max |Δ| {diff:.3g} > {tolerance:g} × {max(1.0, scale):.3g}", seconds
         )
     return Conversion(name, "ok", diff, scale, "", seconds)
-
-
-def _run_positional(it: Any, seg: Segment, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """Exactly as `edgecut.edge.runner.LiteRtRunner` does: tensors matched by position."""
-    inputs, outputs = it.get_input_details(), it.get_output_details()
-    if len(inputs) != len(seg.inputs) or len(outputs) != len(seg.outputs):
-        raise ValueError(
-            f"{len(inputs)} inputs / {len(outputs)} outputs, the manifest has "
-            f"{len(seg.inputs)} / {len(seg.outputs)}"
-        )
-    for detail, name in zip(inputs, seg.inputs, strict=True):
-        it.set_tensor(detail["index"], np.ascontiguousarray(feed[name][:1], detail["dtype"]))
-    it.invoke()
-    return [np.array(it.get_tensor(d["index"])) for d in outputs]
 
 
 def _first_line(exc: BaseException) -> str:
