@@ -20,6 +20,7 @@ import pytest
 from edgecut.apps.sweep import report
 from edgecut.apps.sweep.config import split_list
 from edgecut.apps.sweep.records import Measurement
+from edgecut.bundle import load_bundle
 from edgecut.cli import main
 from edgecut.errors import UsageError
 from edgecut.keys import KeyPaths
@@ -102,9 +103,13 @@ def test_quick_sweep_end_to_end(
     rows = doc["measurements"]
     cells = {(r["role"], r["cut"], r["codec"]) for r in rows}
     assert ("grid", "input", "jpeg90") in cells and ("grid", "output", "none") in cells
-    assert len({c for c in cells if c[0] == "grid"}) >= 3 and any(c[0] == "auto" for c in cells)
+    assert len({c for c in cells if c[0] == "grid"}) >= 3 and any(c[0] == "planner" for c in cells)
     assert all(r["mode"] == "live" and r["machine"] and r["where"] != "failed" for r in rows)
-    assert all(r["predicted_ms"] > 0 for r in rows)
+    assert all(r["predicted_ms"] > 0 for r in rows if r["role"] != "auto")
+    # the "auto" row is the shipped agent: it chose per request, from the bundle's own options
+    shipped = [r for r in rows if r["role"] == "auto"]
+    cuts = {c.id for c in load_bundle(effl0_bundle).manifest.cuts}
+    assert shipped and all(r["chosen"].split("/")[0] in cuts for r in shipped)
     assert sum(r["top1"] == r["top1_reference"] for r in rows) >= len(rows) - 2
     cloud = [r for r in rows if r["where"] == "cloud"]
     assert cloud and all(r["bytes_up"] > 0 and r["server_compute_ms"] > 0 for r in cloud)
@@ -252,12 +257,13 @@ def test_report_figures_compare_auto_with_other_runs() -> None:
         row("input", "jpeg90", "grid", 40.0),
         row("c05", "int8", "grid", 20.0),
         row("output", "none", "grid", 30.0, bytes_up=0),
-        row("c05", "int8", "auto", 21.0),
+        row("c05", "int8", "planner", 20.5),
+        row("auto", "auto", "auto", 21.0, chosen="c05/int8"),
     ]
     cells = report.cell_stats(rows)
     (s,) = report.link_summaries(rows, cells)
     assert s.oracle.cell.cut == "c05" and s.oracle.cell.role == "grid"
-    assert s.regret == pytest.approx(21 / 20)
+    assert s.regret == pytest.approx(21 / 20) and s.same_choice and s.planner.total_ms == 20.5
     assert s.vs_baselines == pytest.approx(21 / 30)
     assert s.speedup_vs_cloud == pytest.approx(40 / 21)
     # 1 edge + 1 encode + 1 compute + 10 ms RTT; 1000 B fit the emulator's 4000 B burst (4 ms at

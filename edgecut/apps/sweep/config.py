@@ -132,9 +132,9 @@ def split_list(text: str) -> tuple[str, ...]:
 def check_codecs(codecs: Sequence[str]) -> None:
     """Inner-cut codecs must parse, and JPEG is for images only (the input cut's baseline)."""
     for name in codecs:
-        if CodecSpec.parse(name).scheme == "jpeg":
+        if CodecSpec.parse(name).is_image:
             raise UsageError(
-                f"codec {name!r}: JPEG encodes images, so it is only used at the "
+                f"codec {name!r}: an image codec encodes images, so it is only used at the "
                 "input cut (the cloud-only baseline, always swept); give inner-cut "
                 "codecs such as int8, int4, fp16"
             )

@@ -120,7 +120,8 @@ def latency_vs_bandwidth(links: Sequence[LinkSummary], path: Path, subtitle: str
     series = (
         ("edge-only", "edge_only", "s-"),
         ("cloud-only (JPEG)", "cloud_only", "o-"),
-        ("auto (optimizer)", "auto", "D-"),
+        ("auto (shipped agent)", "auto", "D-"),
+        ("planner (true link)", "planner", "v--"),
         ("oracle (best measured)", "oracle", "k:"),
     )
     for ax, rtt in zip(axes[0], rtts, strict=True):

@@ -16,7 +16,8 @@ from typing import Any
 
 from edgecut.errors import UsageError
 
-ROLES = ("grid", "auto")  # a cell of the cut × codec grid, or the optimizer's choice run on its own
+ROLES = ("grid", "planner", "auto")  # a grid cell; the planner fed the true link, run as a fixed
+# cut; the shipped agent on `--cut auto` (its own probes and estimates) through the same link
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Cell:
 
     cut: str  # cut id: "input" (cloud-only), "output" (edge-only) or an inner cut
     codec: str  # codec text; "jpeg90" at input, "none" at output
-    role: str = "grid"  # "grid" or "auto"
+    role: str = "grid"  # one of ROLES
 
     @property
     def label(self) -> str:
@@ -52,7 +53,7 @@ class Measurement:
     bandwidth: str  # link setting, as given
     bandwidth_bps: float
     rtt_ms: float
-    role: str  # "grid" | "auto"
+    role: str  # one of ROLES
     cut: str
     codec: str
     request: int  # 0-based among the timed requests of this run (warm-up excluded)
@@ -76,6 +77,7 @@ class Measurement:
     top1_reference: int  # class index of the unsplit model on the same input
     predicted_ms: float  # planner's prediction for this (cut, codec) at this link
     error: str = ""  # why it failed, when it did
+    chosen: str = ""  # role "auto": the cut/codec the shipped agent chose for this request
 
     @property
     def ok(self) -> bool:

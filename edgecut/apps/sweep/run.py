@@ -1,15 +1,19 @@
-"""Measure: for every link setting, every grid cell and the optimizer's choice, N real requests.
+"""Measure: for every link setting, every grid cell, the planner's choice and the shipped auto.
 
 The pipeline is the product's own: the edge agent (head runner, codec, HPKE seal, the gRPC
 session) in this process, a `LinkEmulator` proxy in front of a real tail service, one request in
-flight at a time so no request waits behind another. The optimizer's choice for a link is planned
-from the edge profile, the service's own tail profile and the *set* link, then run as a separate
-run of its own — never read off the grid — and its (cut, codec) is added to that link's grid when
-the grid lacks it, so the oracle (best measured grid cell) always had the chance to be it.
+flight at a time so no request waits behind another. Two runs per link stand for the optimizer:
+- "auto" is the shipped agent on `--cut auto` (`AutoCut`: the bundle's fidelity budget, its own
+  background link probes, running estimates and hysteresis, on a session of its own), exactly
+  what `edgecut edge run --cut auto` runs; its first `warmup` requests are not timed;
+- "planner" is the planner fed the *set* link, run as a fixed cut: what auto would do with a
+  perfect link estimate. Its (cut, codec) is added to the grid when the grid lacks it, so the
+  oracle (best measured grid cell) always had the chance to be it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 import math
@@ -30,7 +34,7 @@ from edgecut.apps.sweep.records import Cell, Link, Measurement, RunInfo
 from edgecut.bundle import Bundle, load_bundle
 from edgecut.costs import cut_costs
 from edgecut.edge.agent import Agent, AgentOptions, Result, image_input
-from edgecut.edge.cutchoice import FixedCut
+from edgecut.edge.cutchoice import AutoCut, CutChoice, FixedCut
 from edgecut.edge.pacing import PacedRunner
 from edgecut.edge.runner import OrtRunner, Runner
 from edgecut.edge.session import SessionConfig, TailSession
@@ -52,7 +56,7 @@ class LinkPlan:
 
     link: Link
     plan: Plan
-    cells: tuple[Cell, ...]  # grid cells, then the auto cell last
+    cells: tuple[Cell, ...]  # grid cells, then the planner's cell, then the shipped auto
 
     def predicted_ms(self, cell: Cell) -> float:
         row = self.plan.row(cell.cut, cell.codec)
@@ -95,7 +99,7 @@ def run_sweep(
         plans = [_plan_link(link, costs, info.queue_delay_ms, base) for link in links]
         start(sum(len(p.cells) for p in plans) * (cfg.warmup + cfg.requests))
         load = [os.getloadavg()[0]]
-        rows = _measure_all(plans, edge, ep, cfg, tick, load)
+        rows = _measure_all(plans, edge, ep, cfg, tick, load, profile_path)
     run = RunInfo(
         command=cfg.command(),
         revision=code_revision(),
@@ -151,14 +155,17 @@ def _plan_link(link: Link, costs: Sequence[CutCost], queue_ms: float, base: Sequ
     estimate = LinkEstimate(link.bandwidth_bps, link.bandwidth_bps, link.rtt_ms, queue_ms)
     chosen = plan(costs, estimate)
     c = chosen.chosen.cost
-    auto = Cell(c.cut, "none" if c.edge_only else c.codec, "auto")
+    planner = Cell(c.cut, "none" if c.edge_only else c.codec, "planner")
     cells = list(base)
-    if Cell(auto.cut, auto.codec) not in cells:
-        cells.insert(-1, Cell(auto.cut, auto.codec))
+    if Cell(planner.cut, planner.codec) not in cells:
+        cells.insert(-1, Cell(planner.cut, planner.codec))
     log.info(
-        "%s: optimizer chooses %s (%.1f ms predicted)", link.label, auto.label, chosen.chosen.predicted_ms
+        "%s: planner (true link) chooses %s (%.1f ms predicted)",
+        link.label,
+        planner.label,
+        chosen.chosen.predicted_ms,
     )
-    return LinkPlan(link, chosen, (*cells, auto))
+    return LinkPlan(link, chosen, (*cells, planner, Cell("auto", "auto", "auto")))
 
 
 def _measure_all(
@@ -168,6 +175,7 @@ def _measure_all(
     cfg: config.SweepConfig,
     tick: Tick,
     load: list[float],
+    profile_path: Path,
 ) -> list[Measurement]:
     """One emulator for the whole sweep, re-tuned per link; one fresh session per link.
 
@@ -181,26 +189,28 @@ def _measure_all(
         for lp in plans:
             load.append(os.getloadavg()[0])
             emulator.set_config(_link_config(lp.link))
-            session = TailSession(
-                SessionConfig(
-                    f"{host}:{port}",
-                    load_service_public(ep.server_pub),
-                    edge.bundle.manifest.model,
-                    edge.bundle.manifest.version,
-                    deadline_ms=DEADLINE_MS,
-                    connect_timeout_ms=DEADLINE_MS,
-                    token=creds.token,
-                    tls_ca=creds.tls_ca,
-                    tls_cert=creds.tls_cert,
-                    tls_key=creds.tls_key,
-                    tls_server_name=parse_address(ep.address)[0],  # the emulator relays to it
-                )
+            session_config = SessionConfig(
+                f"{host}:{port}",
+                load_service_public(ep.server_pub),
+                edge.bundle.manifest.model,
+                edge.bundle.manifest.version,
+                deadline_ms=DEADLINE_MS,
+                connect_timeout_ms=DEADLINE_MS,
+                token=creds.token,
+                tls_ca=creds.tls_ca,
+                tls_cert=creds.tls_cert,
+                tls_key=creds.tls_key,
+                tls_server_name=parse_address(ep.address)[0],  # the emulator relays to it
             )
+            session = TailSession(session_config)
             session.connect()
+            shipped = TailSession(session_config)  # the shipped auto keeps its own, as on a device
+            shipped.connect()
             try:
-                rows += _measure_link(lp, edge, session, cfg, tick)
+                rows += _measure_link(lp, edge, (session, shipped), cfg, tick, profile_path)
             finally:
                 session.close()
+                shipped.close()
     return rows
 
 
@@ -211,7 +221,12 @@ def _link_config(link: Link) -> LinkConfig:
 
 
 def _measure_link(
-    lp: LinkPlan, edge: _Edge, session: TailSession, cfg: config.SweepConfig, tick: Tick
+    lp: LinkPlan,
+    edge: _Edge,
+    sessions: tuple[TailSession, TailSession],
+    cfg: config.SweepConfig,
+    tick: Tick,
+    profile_path: Path,
 ) -> list[Measurement]:
     """warm-up + timed rounds; each round sends the same photo once through every run.
 
@@ -221,49 +236,53 @@ def _measure_link(
     and the pairing showed up as a difference. Each run keeps its own agent, so auto is still
     measured on its own requests.
     """
-    runs = [_CellRun(lp, cell, edge, session, cfg.warmup) for cell in lp.cells]
+    grid, shipped = sessions
+    runs = []
+    for cell in lp.cells:
+        choice: CutChoice = (
+            AutoCut(edge.bundle, edge.head, shipped, ",".join(cfg.codecs), edge_profile=profile_path)
+            if cell.role == "auto"
+            else FixedCut(edge.bundle, cell.cut, cell.codec, max_accuracy_drop=None)  # the grid measures all
+        )
+        runs.append(_CellRun(lp, cell, edge, shipped if cell.role == "auto" else grid, choice, cfg.warmup))
     n = len(edge.photos)
-    for i in range(cfg.warmup + cfg.requests):
-        name, image = edge.photos[i % n]
-        order = list(runs)
-        random.Random(f"{lp.link.label}/{i}").shuffle(order)
-        for run in order:
-            run.agent.run([image_input(i, name, image)], run.emit)
-            tick(run.what)
+    try:
+        for i in range(cfg.warmup + cfg.requests):
+            name, image = edge.photos[i % n]
+            order = list(runs)
+            random.Random(f"{lp.link.label}/{i}").shuffle(order)
+            for run in order:
+                run.agent.run([image_input(i, name, image)], run.emit)
+                tick(run.what)
+    finally:
+        for run in runs:
+            run.choice.close()
     return [row for run in runs for row in sorted(run.rows, key=lambda r: r.request)]
 
 
 class _CellRun:
-    """One run: a FixedCut agent for the cell and the rows its timed requests produced."""
+    """One run: an agent for the cell (a fixed cut, or the shipped auto) and its timed rows."""
 
-    def __init__(self, lp: LinkPlan, cell: Cell, edge: _Edge, session: TailSession, warmup: int) -> None:
-        self.lp, self.cell, self.edge, self.warmup = lp, cell, edge, warmup
+    def __init__(
+        self, lp: LinkPlan, cell: Cell, edge: _Edge, session: TailSession, choice: CutChoice, warmup: int
+    ) -> None:
+        self.lp, self.cell, self.edge, self.warmup, self.choice = lp, cell, edge, warmup, choice
         self.agent = Agent(
-            edge.bundle,
-            edge.head,
-            edge.tail,
-            session,
-            FixedCut(edge.bundle, cell.cut, cell.codec, max_accuracy_drop=None),  # the grid measures all
-            AgentOptions(in_flight=1, fallback="fail"),
+            edge.bundle, edge.head, edge.tail, session, choice, AgentOptions(in_flight=1, fallback="fail")
         )
-        self.what = f"{lp.link.label} {cell.label}" + (" (auto)" if cell.role == "auto" else "")
+        self.what = f"{lp.link.label} {cell.label}" + (f" ({cell.role})" if cell.role != "grid" else "")
         self.predicted = lp.predicted_ms(cell)
         self.rows: list[Measurement] = []
 
     def emit(self, result: Result) -> None:
         if result.position >= self.warmup:
             ref = self.edge.reference[result.position % len(self.edge.photos)]
-            self.rows.append(
-                _row(
-                    self.lp.link,
-                    self.cell,
-                    result,
-                    result.position - self.warmup,
-                    ref,
-                    self.predicted,
-                    self.edge,
-                )
+            row = _row(
+                self.lp.link, self.cell, result, result.position - self.warmup, ref, self.predicted, self.edge
             )
+            if self.cell.role == "auto":
+                row = dataclasses.replace(row, chosen=f"{result.cut}/{result.codec}")
+            self.rows.append(row)
 
 
 def _row(
