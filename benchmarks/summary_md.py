@@ -13,14 +13,15 @@ from pathlib import Path
 def table(path: Path) -> str:
     s = json.loads(path.read_text())["summary"]
     rows = [
-        "| link | auto | auto ms | predicted | oracle | oracle ms | regret | edge-only ms "
-        "| cloud-only ms | auto ÷ best baseline | overhead |",
-        "|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|",
+        "| link | auto (shipped) | auto ms | planner (true link) | planner ms | predicted | oracle "
+        "| oracle ms | regret | edge-only ms | cloud-only ms | auto ÷ best baseline | overhead |",
+        "|---|---|--:|---|--:|--:|---|--:|--:|--:|--:|--:|--:|",
     ]
     for x in s["links"]:
         rows.append(
             f"| {x['bandwidth']} / {x['rtt_ms']:g} ms | {x['auto']} | {x['auto_ms']:.1f} | "
-            f"{x['auto_predicted_ms']:.1f} | {x['oracle']} | {x['oracle_ms']:.1f} | "
+            f"{x['planner']} | {x['planner_ms']:.1f} | {x['planner_predicted_ms']:.1f} | "
+            f"{x['oracle']} | {x['oracle_ms']:.1f} | "
             f"{x['regret']:.3f} | {x['edge_only_ms']:.1f} | {x['cloud_only_ms']:.1f} | "
             f"{x['auto_vs_best_baseline']:.3f} | {x['overhead']:.3f} |"
         )
