@@ -7,12 +7,13 @@ service (the JPEG cloud-only baseline), so all three see exactly the same pixels
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from edgecut.bundle import Manifest, Preprocess
+from edgecut.bundle import Manifest, Preprocess, TensorSpec
 from edgecut.errors import ImageError, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -123,6 +124,24 @@ def list_images(directory: Path) -> list[Path]:
     return found
 
 
+def random_feeds(specs: Sequence[TensorSpec], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Inputs for a model without image preprocessing: N(0, 1) for floats, small integers else
+    (token ids, masks); the one way every caller fakes an input it has no photo for."""
+    return {
+        s.name: (
+            rng.standard_normal(s.shape)
+            if s.dtype.startswith("float")
+            else rng.integers(0, 2 if s.dtype == "bool" else 10, s.shape)
+        ).astype(s.dtype)
+        for s in specs
+    }
+
+
+def photo_feeds(name: str, preprocess: Preprocess, count: int) -> list[dict[str, np.ndarray]]:
+    """The first `count` built-in photos through `preprocess`, as feeds of input `name`."""
+    return [{name: prepare(img, preprocess)} for _, img in sample_photos()[:count]]
+
+
 def synthetic_feeds(m: Manifest, seed: int = 0) -> dict[str, np.ndarray]:
     """A realistic model input for timing: a smooth random image (close to photo statistics)
     through the bundle's preprocessing for image models, N(0, 1) noise otherwise. Zeros would
@@ -133,4 +152,4 @@ def synthetic_feeds(m: Manifest, seed: int = 0) -> dict[str, np.ndarray]:
         small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3)).astype(np.float32)
         img = np.kron(small, np.ones((16, 16, 1)))[:h, :w].astype(np.uint8)
         return {m.inputs[0].name: prepare(img, m.preprocess)}
-    return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in m.inputs}
+    return random_feeds(m.inputs, rng)

@@ -18,7 +18,7 @@ import onnx
 
 from edgecut.bundle import Bundle, Cut, Manifest, Segment, load_bundle, sha256_file, write_manifest
 from edgecut.errors import UsageError, VerificationError
-from edgecut.images import prepare, sample_photos
+from edgecut.images import photo_feeds, random_feeds
 from edgecut.partition.batching import batched_if_safe
 from edgecut.partition.cuts import DEFAULT_MAX_CUTS, select_positions
 from edgecut.partition.graph import Position, analyse
@@ -38,21 +38,12 @@ def sample_inputs(
     graph_inputs = [i for i in loaded.model.graph.input]
     if loaded.preprocess.kind == "image" and len(graph_inputs) == 1:
         name = graph_inputs[0].name
-        return [{name: prepare(img, loaded.preprocess)} for _, img in sample_photos()[:count]]
+        return photo_feeds(name, loaded.preprocess, count)
     from edgecut.partition.graph import analyse as _analyse
 
     specs = _analyse(loaded.model).inputs
     rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(count):
-        feeds = {}
-        for s in specs:
-            if s.dtype.startswith("float"):
-                feeds[s.name] = rng.standard_normal(s.shape).astype(s.dtype)
-            else:
-                feeds[s.name] = rng.integers(0, 2 if s.dtype == "bool" else 10, s.shape).astype(s.dtype)
-        samples.append(feeds)
-    return samples
+    return [random_feeds(specs, rng) for _ in range(count)]
 
 
 def partition(

@@ -346,22 +346,12 @@ def _register_reshape(known: Any, description: Any, registry: Any) -> None:
 
 def _default_samples(bundle: Bundle, count: int = 3) -> list[dict[str, np.ndarray]]:
     m = bundle.manifest
-    if m.preprocess.kind == "image" and len(m.inputs) == 1:
-        from edgecut.images import prepare, sample_photos
+    from edgecut.images import photo_feeds, random_feeds
 
-        return [{m.inputs[0].name: prepare(im, m.preprocess)} for _, im in sample_photos()[:count]]
+    if m.preprocess.kind == "image" and len(m.inputs) == 1:
+        return photo_feeds(m.inputs[0].name, m.preprocess, count)
     rng = np.random.default_rng(0)
-    return [
-        {
-            s.name: (
-                rng.standard_normal(s.shape)
-                if s.dtype.startswith("float")
-                else rng.integers(0, 2 if s.dtype == "bool" else 10, s.shape)
-            ).astype(s.dtype)
-            for s in m.inputs
-        }
-        for _ in range(count)
-    ]
+    return [random_feeds(m.inputs, rng) for _ in range(count)]
 
 
 def _segment_inputs(

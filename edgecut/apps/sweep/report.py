@@ -161,7 +161,8 @@ def link_summaries(rows: Sequence[Measurement], cells: Sequence[CellStats]) -> l
         mine = [c for c in cells if c.link == link]
         grid = [c for c in mine if c.cell.role == "grid" and c.ok]
         auto = next(c for c in mine if c.cell.role == "auto")
-        planner = next(c for c in mine if c.cell.role == "planner")
+        # results from before the shipped auto had a row of its own: their "auto" was the planner
+        planner = next((c for c in mine if c.cell.role == "planner"), auto)
         chosen = Counter(m.chosen for m in rows if m.link == link and m.role == "auto" and m.chosen)
         if not grid:
             continue
@@ -170,7 +171,7 @@ def link_summaries(rows: Sequence[Measurement], cells: Sequence[CellStats]) -> l
         cloud_only = min((c for c in grid if c.cell.cut == cuts[0]), key=lambda c: c.total_ms)
         oracle = min(grid, key=lambda c: c.total_ms)
         over = _median(overhead(m) for m in rows if m.link == link and m.where == "cloud")
-        choice = chosen.most_common(1)[0][0] if chosen else ""
+        choice = chosen.most_common(1)[0][0] if chosen else auto.cell.label
         out.append(LinkSummary(link, auto, oracle, edge_only, cloud_only, over, planner, choice))
     return out
 
