@@ -51,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replay edge compute at the profile's speed (rows say paced:<device>)",
     )
     p.add_argument("--edge-threads", type=int, default=1, help="edge ORT threads (default 1)")
+    p.add_argument(
+        "--min-cut",
+        default="",
+        help="privacy: the planner and the shipped auto never use a cut shallower than this (cut id "
+        "or depth); shallower grid cells, cloud-only included, are still measured for reference",
+    )
     add_renamed(
         p,
         "--server",
@@ -129,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         images=args.images,
         warmup=value["warmup"],
         requests=value["requests"],
+        min_cut=args.min_cut,
     )
 
 

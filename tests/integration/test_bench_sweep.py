@@ -93,6 +93,8 @@ def test_quick_sweep_end_to_end(
         "--edge-profile",
         str(edge_profile),
         "--quick",
+        "--min-cut",
+        "c03",
         "--out",
         str(tmp_path),
         "--json",
@@ -110,6 +112,13 @@ def test_quick_sweep_end_to_end(
     shipped = [r for r in rows if r["role"] == "auto"]
     cuts = {c.id for c in load_bundle(effl0_bundle).manifest.cuts}
     assert shipped and all(r["chosen"].split("/")[0] in cuts for r in shipped)
+    # --min-cut binds the planner and the shipped auto (raw pixels never leave); the grid still
+    # measures the input upload for reference
+    m = load_bundle(effl0_bundle).manifest
+    floor = m.cut("c03").depth
+    assert all(m.cut(r["chosen"].split("/")[0]).depth >= floor for r in shipped)
+    assert all(m.cut(r["cut"]).depth >= floor for r in rows if r["role"] == "planner")
+    assert "--min-cut c03" in doc["run"]["command"]
     assert sum(r["top1"] == r["top1_reference"] for r in rows) >= len(rows) - 2
     cloud = [r for r in rows if r["where"] == "cloud"]
     assert cloud and all(r["bytes_up"] > 0 and r["server_compute_ms"] > 0 for r in cloud)

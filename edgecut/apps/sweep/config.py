@@ -56,6 +56,7 @@ class SweepConfig:
     images: Path | None = None  # directory of photos; None = scikit-image's sample photos
     warmup: int = 2  # requests per run excluded from the figures
     requests: int = 10  # timed requests per run
+    min_cut: str = ""  # cut id or depth the planner and the shipped auto may not go below ("" = none)
 
     def __post_init__(self) -> None:
         if self.requests < 1 or self.warmup < 0:
@@ -101,6 +102,8 @@ class SweepConfig:
         ]
         if self.cuts:
             args += ["--cuts", ",".join(self.cuts)]
+        if self.min_cut:
+            args += ["--min-cut", self.min_cut]
         if self.edge_profile is not None:
             args += ["--edge-profile", str(self.edge_profile)]
         if self.pace:
@@ -118,6 +121,14 @@ class SweepConfig:
         if self.images is not None:
             args += ["--images", str(self.images)]
         return shlex.join(args)
+
+
+def min_depth(manifest: Manifest, min_cut: str) -> int:
+    """`--min-cut` as a depth: a cut id (its depth) or a number; "" = 0 (no limit)."""
+    text = min_cut.strip()
+    if not text:
+        return 0
+    return int(text) if text.isdigit() else manifest.cut(text).depth
 
 
 def split_list(text: str) -> tuple[str, ...]:

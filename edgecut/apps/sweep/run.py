@@ -41,7 +41,7 @@ from edgecut.edge.session import SessionConfig, TailSession
 from edgecut.images import prepare
 from edgecut.keys import load_service_public
 from edgecut.netem import PACED_BURST_S, LinkConfig, ThreadedLinkEmulator, paced_burst_bytes, parse_address
-from edgecut.planner import CutCost, LinkEstimate, Plan, plan
+from edgecut.planner import DEFAULT_MAX_ACCURACY_DROP, Constraints, CutCost, LinkEstimate, Plan, plan
 from edgecut.profile import Profile
 from edgecut.runtime import OrtOptions
 
@@ -96,7 +96,10 @@ def run_sweep(
     with cloud.endpoint(bundle, cfg.cloud, cfg.server_key, cfg.cloud_threads) as ep:
         info = cloud.tail_info(ep.address, m.model, m.version, cfg.credentials())
         costs = cut_costs(bundle, profile, info.times, cfg.codecs, suite=info.key_suite)
-        plans = [_plan_link(link, costs, info.queue_delay_ms, base) for link in links]
+        limits = Constraints(
+            min_depth=config.min_depth(m, cfg.min_cut), max_accuracy_drop=DEFAULT_MAX_ACCURACY_DROP
+        )
+        plans = [_plan_link(link, costs, info.queue_delay_ms, base, limits) for link in links]
         start(sum(len(p.cells) for p in plans) * (cfg.warmup + cfg.requests))
         load = [os.getloadavg()[0]]
         rows = _measure_all(plans, edge, ep, cfg, tick, load, profile_path)
@@ -151,9 +154,12 @@ def _edge(bundle: Bundle, cfg: config.SweepConfig, profile: Profile) -> _Edge:
     return _Edge(bundle, head, ort, photos, reference, mode, machine())
 
 
-def _plan_link(link: Link, costs: Sequence[CutCost], queue_ms: float, base: Sequence[Cell]) -> LinkPlan:
+def _plan_link(
+    link: Link, costs: Sequence[CutCost], queue_ms: float, base: Sequence[Cell], limits: Constraints
+) -> LinkPlan:
+    """The planner fed the true link, under the shipped auto's limits (accuracy budget, --min-cut)."""
     estimate = LinkEstimate(link.bandwidth_bps, link.bandwidth_bps, link.rtt_ms, queue_ms)
-    chosen = plan(costs, estimate)
+    chosen = plan(costs, estimate, limits)
     c = chosen.chosen.cost
     planner = Cell(c.cut, "none" if c.edge_only else c.codec, "planner")
     cells = list(base)
@@ -240,7 +246,14 @@ def _measure_link(
     runs = []
     for cell in lp.cells:
         choice: CutChoice = (
-            AutoCut(edge.bundle, edge.head, shipped, ",".join(cfg.codecs), edge_profile=profile_path)
+            AutoCut(
+                edge.bundle,
+                edge.head,
+                shipped,
+                ",".join(cfg.codecs),
+                edge_profile=profile_path,
+                min_depth=config.min_depth(edge.bundle.manifest, cfg.min_cut),
+            )
             if cell.role == "auto"
             else FixedCut(edge.bundle, cell.cut, cell.codec, max_accuracy_drop=None)  # the grid measures all
         )
