@@ -14,10 +14,17 @@ edgecut profile bundles/effl2 --threads 1 --codec int8,int4,jpeg90 --device-name
     --runs 40 --out benchmarks/profiles/effl2-this-machine-1t-loaded.json
 python benchmarks/lite2_profile.py benchmarks/profiles/effl2-this-machine-1t-loaded.json \
     --out benchmarks/profiles/effl2-pi4-scaled.json
-edgecut bench sweep bundles/effl0 --edge-profile benchmarks/profiles/this-machine-1t.json \
-    --out benchmarks/results/effl0/this-machine-1t
-edgecut bench sweep bundles/effl0 --edge-profile benchmarks/profiles/pi4-scaled-5x.json --pace \
+# The sweeps as committed (each results.json records its exact command): the shipped agent on
+# --cut auto, a planner (true link) row, order shuffled per round, 3 untimed requests per run.
+SWEEP="--bandwidth 0.5mbit,2mbit,8mbit,32mbit,128mbit --rtt 5ms,40ms --codec int8,pca4 --cuts c03,c05,c07,c10 \
+    --requests 10 --warmup 3 --edge-threads 1 --server-threads 1"
+edgecut bench sweep bundles/effl0 $SWEEP --edge-profile benchmarks/profiles/pi4-scaled-5x.json --pace \
     --out benchmarks/results/effl0/pi4-scaled-5x
+edgecut bench sweep bundles/effl0 $SWEEP --min-cut c01 --edge-profile benchmarks/profiles/pi4-scaled-5x.json --pace \
+    --out benchmarks/results/effl0/pi4-scaled-5x-private
+# Unpaced fast edge; the committed this-machine-1t results predate the shipped-auto row.
+edgecut bench sweep bundles/effl0 $SWEEP --edge-profile benchmarks/profiles/this-machine-1t.json \
+    --out benchmarks/results/effl0/this-machine-1t
 python benchmarks/codec_fidelity.py
 python benchmarks/int8_heads.py --bundle bundles/effl0
 python benchmarks/netem_validate.py
