@@ -22,7 +22,7 @@ edgecut bench sweep bundles/effl0 $SWEEP --edge-profile benchmarks/profiles/pi4-
     --out benchmarks/results/effl0/pi4-scaled-5x
 edgecut bench sweep bundles/effl0 $SWEEP --min-cut c01 --edge-profile benchmarks/profiles/pi4-scaled-5x.json --pace \
     --out benchmarks/results/effl0/pi4-scaled-5x-private
-# Unpaced fast edge; the committed this-machine-1t results predate the shipped-auto row.
+# Unpaced fast edge (live edge compute).
 edgecut bench sweep bundles/effl0 $SWEEP --edge-profile benchmarks/profiles/this-machine-1t.json \
     --out benchmarks/results/effl0/this-machine-1t
 python benchmarks/codec_fidelity.py
