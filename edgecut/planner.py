@@ -264,6 +264,11 @@ class Replanner:
         )
         return best, True
 
+    @property
+    def costs(self) -> tuple[CutCost, ...]:
+        """The cost table it plans over."""
+        return self._costs
+
     def update_costs(self, costs: Sequence[CutCost]) -> None:
         """Replace the cost table (e.g. a new server profile); takes effect at the next update."""
         self._costs = tuple(costs)

@@ -28,6 +28,7 @@ from edgecut import answers
 from edgecut.answers import AnswerSpec
 from edgecut.bundle import Bundle
 from edgecut.edge.cutchoice import CutChoice
+from edgecut.edge.pacing import PacedRunner
 from edgecut.edge.runner import Runner
 from edgecut.edge.session import Reply, TailSession, Ticket, is_retryable
 from edgecut.errors import EdgecutError, RemoteError, UnavailableError, UsageError
@@ -215,6 +216,8 @@ class Agent:
             return
         t1 = time.perf_counter()
         work.payload = self.choice.encode(work.cut, work.codec, work.frontier)
+        if isinstance(self.head, PacedRunner):  # a device replay: its encode runs at its speed too
+            self.head.pace_stage((time.perf_counter() - t1) * 1e3)
         self._submit(work)
         work.encode_ms = (time.perf_counter() - t1) * 1e3
         self.choice.observe_encode(work.cut, work.codec, work.encode_ms, len(work.payload))
@@ -309,7 +312,7 @@ class Agent:
         # Not "now - t0": in-order emission may have kept this answer waiting behind another.
         total_ms = answer_ms + (time.perf_counter() - t0) * 1e3
         wire_ms = (reply.received - reply.wire_start) * 1e3 - reply.timings.total_ms
-        self.choice.observe(reply, wire_ms)
+        self.choice.observe(reply, wire_ms, work.cut, work.codec)
         self.fallbacks_in_a_row = 0
         t = reply.timings
         timings = {

@@ -31,6 +31,7 @@ from edgecut.costs import CloudTimes, cut_costs, option_agreement
 from edgecut.edge.edgetimes import EdgeTimes, one_pass_profile
 from edgecut.edge.linkprobe import LinkProber
 from edgecut.edge.runner import Runner
+from edgecut.edge.served import ServedTimes
 from edgecut.edge.session import Reply, TailSession
 from edgecut.errors import EdgecutError
 from edgecut.link import LinkEstimate
@@ -39,7 +40,7 @@ from edgecut.profile import load_profile
 
 log = logging.getLogger(__name__)
 
-REBUILD_EVERY = 8  # edge observations between cost-table rebuilds
+REBUILD_EVERY = 8  # observations (edge runs, encodes, answers) between cost-table rebuilds
 RESTART_FACTOR = 4.0  # a probe this far from the uplink estimate (either way) counts as a move
 
 
@@ -51,7 +52,7 @@ class CutChoice(Protocol):
     def calibrate(self, feeds: Mapping[str, np.ndarray]) -> None: ...
     def current(self) -> tuple[str, str]: ...
     def encode(self, cut: str, codec_name: str, frontier: Mapping[str, np.ndarray]) -> bytes: ...
-    def observe(self, reply: Reply, wire_ms: float) -> None: ...
+    def observe(self, reply: Reply, wire_ms: float, cut: str, codec_name: str) -> None: ...
     def observe_edge(self, first: int, timings_ms: Sequence[float]) -> None: ...
     def observe_encode(self, cut: str, codec_name: str, encode_ms: float, payload_bytes: int) -> None: ...
     def refused(self, cut: str, codec_name: str, why: str) -> None: ...
@@ -108,7 +109,7 @@ class FixedCut(Encoder):
     def current(self) -> tuple[str, str]:
         return self._choice
 
-    def observe(self, reply: Reply, wire_ms: float) -> None:
+    def observe(self, reply: Reply, wire_ms: float, cut: str, codec_name: str) -> None:
         """A fixed cut ignores the link."""
 
     def observe_edge(self, first: int, timings_ms: Sequence[float]) -> None:
@@ -153,9 +154,10 @@ class AutoCut(Encoder):
         self.replanner: Replanner | None = None
         self.ready = False
         self.edge: EdgeTimes | None = None
+        self.served = ServedTimes()  # the tail's times as this agent's answers report them
         self._lock = threading.RLock()  # the prober thread and the input path share the plan
         self._generation = -1  # session generation the cost table was built for
-        self._built_at = 0  # edge observations when the cost table was built
+        self._built_at = (0, 0)  # (observations, new figures) when the cost table was built
         self._last_transfer = 0.0  # perf_counter of the last real transfer observed
         self._prober: LinkProber | None = None
         self._refused: set[tuple[str, str]] = set()  # options the server refused outright
@@ -189,13 +191,13 @@ class AutoCut(Encoder):
         assert self.edge is not None
         info = self.session.info if self.session else None
         self._generation = self.session.generation if self.session else 0
-        self._built_at = self.edge.observations
+        self._built_at = self._seen()
         cloud = info.times if info else CloudTimes({})
         suite = self.session.config.server_key.suite if self.session else "x25519"
         costs = cut_costs(
             self.bundle, self.edge.profile(), cloud, self.codecs, self.precisions, suite, self.answer
         )
-        costs = [c for c in costs if (c.cut, c.codec) not in self._refused]
+        costs = [c for c in self.served.apply(costs) if (c.cut, c.codec) not in self._refused]
         if info is not None:
             self.link.observe_queue(info.queue_delay_ms)
         if self.replanner is None:
@@ -204,12 +206,21 @@ class AutoCut(Encoder):
             self.replanner.update_costs(costs)
         self.replanner.update(self.link.estimate())
 
-    def refresh(self) -> None:
-        """Rebuild the costs after a (re)connect (new ServerInfo) or enough new edge timings."""
+    def _seen(self) -> tuple[int, int]:
+        assert self.edge is not None
+        return (
+            self.edge.observations + self.served.observations,
+            self.edge.new_figures + self.served.new_figures,
+        )
+
+    def refresh(self, force: bool = False) -> None:
+        """Rebuild the costs after a (re)connect (new ServerInfo), enough new timings, or a first
+        figure for an option (it was planned on a guess until now); `force`: now."""
         with self._lock:
             if self.edge is None:
                 return
-            stale = self.edge.observations - self._built_at >= REBUILD_EVERY
+            (runs, news), (built_runs, built_news) = self._seen(), self._built_at
+            stale = force or runs - built_runs >= REBUILD_EVERY or news != built_news
             if stale or (self.session is not None and self.session.generation != self._generation):
                 self._rebuild()
 
@@ -228,8 +239,10 @@ class AutoCut(Encoder):
         self.precision = row.cost.precision
         return row.cost.cut, row.cost.codec
 
-    def observe(self, reply: Reply, wire_ms: float) -> None:
-        """A real transfer; the time it waited behind requests ahead of it is not the link's."""
+    def observe(self, reply: Reply, wire_ms: float, cut: str, codec_name: str) -> None:
+        """A real transfer; the time it waited behind requests ahead of it is not the link's. The
+        server's decode and compute times for it go to `served`."""
+        self.served.observe(cut, codec_name, reply.timings)
         with self._lock:
             rtt_s = self.link.estimate().rtt_ms / 1e3
             start = reply.wire_start

@@ -56,8 +56,10 @@ class EdgeTimes:
         self._lock = threading.Lock()
         self._segments = {t.segment: _ewma(t.latency_ms) for t in base.segments}
         self._codecs = {(c.cut, c.codec): c for c in base.codecs}
+        self._profiled = frozenset(self._codecs)  # options the profile itself has a figure for
         self._encode: dict[tuple[str, str], Ewma] = {}
         self.observations = 0  # runs folded in so far
+        self.new_figures = 0  # options that got their first figure here: the plan must see them now
 
     def observe_segments(self, first: int, timings_ms: Sequence[float]) -> None:
         """Segments `first`, `first + 1`, … just took `timings_ms`."""
@@ -69,10 +71,15 @@ class EdgeTimes:
             self.observations += 1
 
     def observe_encode(self, cut: str, codec: str, encode_ms: float, payload_bytes: int) -> None:
-        """One real encode + seal at (cut, codec); kept where the profile has no figure of its own."""
+        """One real encode + seal at (cut, codec); kept where the profile has no figure of its own.
+
+        An option the profile lacks starts at no encode cost at all; its first real figure counts
+        as news (`new_figures`), so the plan is rebuilt at once rather than after several runs."""
         with self._lock:
-            if (cut, codec) in self._codecs and not self.learn:
+            if (cut, codec) in self._profiled and not self.learn:
                 return
+            if (cut, codec) not in self._encode:
+                self.new_figures += 1
             self._encode.setdefault((cut, codec), Ewma(ALPHA)).add(encode_ms)
             old = self._codecs.get((cut, codec))
             nbytes = old.bytes_ if old else payload_bytes + SEAL_OVERHEAD_BYTES
