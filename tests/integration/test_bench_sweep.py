@@ -8,6 +8,7 @@ and that each bad input is one clear line with the right exit code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -76,6 +77,7 @@ def check_outputs(out: Path) -> dict[str, Any]:
         "top1",
         "top1_reference",
         "predicted_ms",
+        "predicted_edge_ms",
     } <= set(header)
     doc: dict[str, Any] = json.loads((out / "results.json").read_text())
     assert doc["run"]["command"].startswith("edgecut bench sweep ")
@@ -158,6 +160,9 @@ def test_paced_sweep_against_a_given_cloud(
     assert code == 0
     doc = check_outputs(tmp_path)
     assert {r["mode"] for r in doc["measurements"]} == {"paced:here-1t"}
+    assert doc["run"]["pacing"].startswith("head segments replayed from the profile; codec encode slowed")
+    sent = [r for r in doc["measurements"] if r["role"] == "grid" and r["bytes_up"] > 0]
+    assert sent and all(0 <= r["predicted_edge_ms"] < r["predicted_ms"] for r in sent)
     assert {r["cut"] for r in doc["measurements"]} >= {"input", "c05", "output"}
     assert doc["run"]["cloud"]["spawned"] is False
 
@@ -281,3 +286,17 @@ def test_report_figures_compare_auto_with_other_runs() -> None:
     assert report.overhead(row("c05", "int8", "grid", 20.0, bytes_up=5000)) == pytest.approx(20 / 14)
     totals = report.totals(cells, [s])
     assert totals["regret_within_target"] == 1 and math.isfinite(totals["overhead_median"])
+
+
+def test_prediction_error_without_the_head_leaves_out_what_pacing_replays() -> None:
+    # predicted 30 = 12 head + 18 after it; measured 40 = 12 head (replayed) + 28 after it
+    paced = row("c05", "int8", "grid", 40.0, edge_ms=12.0, predicted_ms=30.0, predicted_edge_ms=12.0)
+    edge_only = row("output", "none", "grid", 30.0, bytes_up=0, edge_ms=30.0, predicted_edge_ms=30.0)
+    old = row("c05", "int8", "grid", 40.0, predicted_ms=30.0)  # results from before the field
+    c, e, o = report.cell_stats([paced, edge_only, dataclasses.replace(old, bandwidth="2mbit")])
+    assert c.error_pct == pytest.approx(-25.0)
+    assert c.error_without_head_pct == pytest.approx((18 - 28) / 28 * 100)
+    assert math.isnan(e.error_without_head_pct)  # nothing after the head
+    assert math.isnan(o.error_without_head_pct)
+    t = report.totals([c, e], [])
+    assert t["prediction_error_without_head_abs_median_pct"] == pytest.approx(10 / 28 * 100)

@@ -78,6 +78,7 @@ class Measurement:
     predicted_ms: float  # planner's prediction for this (cut, codec) at this link
     error: str = ""  # why it failed, when it did
     chosen: str = ""  # role "auto": the cut/codec the shipped agent chose for this request
+    predicted_edge_ms: float = math.nan  # the head's part of `predicted_ms` (replayed when paced)
 
     @property
     def ok(self) -> bool:
@@ -117,6 +118,7 @@ class RunInfo:
     warmup: int  # requests per run excluded from every figure
     requests: int  # timed requests per run
     load_1min: tuple[float, ...] = ()  # load average at start, at each link, at the end
+    pacing: str = ""  # what was paced and how ("" in results from before codec pacing)
 
 
 def save_csv(rows: Sequence[Measurement], path: Path) -> None:

@@ -58,9 +58,10 @@ class LinkPlan:
     plan: Plan
     cells: tuple[Cell, ...]  # grid cells, then the planner's cell, then the shipped auto
 
-    def predicted_ms(self, cell: Cell) -> float:
+    def predicted_ms(self, cell: Cell) -> tuple[float, float]:
+        """(whole prediction, its edge-head part) for a cell; NaN for the shipped auto's."""
         row = self.plan.row(cell.cut, cell.codec)
-        return row.predicted_ms if row is not None else math.nan
+        return (row.predicted_ms, row.stages_ms["edge"]) if row is not None else (math.nan, math.nan)
 
 
 Tick = Callable[[str], None]  # called once per request with a description of the run
@@ -136,6 +137,7 @@ def run_sweep(
         warmup=cfg.warmup,
         requests=cfg.requests,
         load_1min=tuple(round(x, 2) for x in [*load, os.getloadavg()[0]]),
+        pacing=_pacing(edge.head),
     )
     return run, rows
 
@@ -149,9 +151,18 @@ def _edge(bundle: Bundle, cfg: config.SweepConfig, profile: Profile) -> _Edge:
         feeds = {bundle.manifest.inputs[0].name: prepare(image, bundle.manifest.preprocess)}
         logits = ort.run(feeds, 0, n - 1).outputs[bundle.manifest.outputs[0].name]
         reference.append(int(np.argmax(logits)))
-    head: Runner = PacedRunner(ort, bundle, profile) if cfg.pace else ort
+    head: Runner = PacedRunner(ort, bundle, profile) if cfg.pace else ort  # its encode paced too
     mode = f"paced:{profile.device}" if cfg.pace else "live"
     return _Edge(bundle, head, ort, photos, reference, mode, machine())
+
+
+def _pacing(head: Runner) -> str:
+    if not isinstance(head, PacedRunner):
+        return "none: edge compute and codec at this machine's speed"
+    return (
+        f"head segments replayed from the profile; codec encode slowed by the measured head "
+        f"slowdown (x{head.slowdown:.2f} at the end); sealing and answer decode not paced"
+    )
 
 
 def _plan_link(
@@ -290,16 +301,22 @@ class _CellRun:
     def emit(self, result: Result) -> None:
         if result.position >= self.warmup:
             ref = self.edge.reference[result.position % len(self.edge.photos)]
-            row = _row(
-                self.lp.link, self.cell, result, result.position - self.warmup, ref, self.predicted, self.edge
-            )
+            index = result.position - self.warmup
+            row = _row(self.lp.link, self.cell, result, index, ref, *self.predicted, self.edge)
             if self.cell.role == "auto":
                 row = dataclasses.replace(row, chosen=f"{result.cut}/{result.codec}")
             self.rows.append(row)
 
 
 def _row(
-    link: Link, cell: Cell, r: Result, index: int, reference: int, predicted: float, edge: _Edge
+    link: Link,
+    cell: Cell,
+    r: Result,
+    index: int,
+    reference: int,
+    predicted: float,
+    predicted_edge: float,
+    edge: _Edge,
 ) -> Measurement:
     t = r.timings_ms
     nan = math.nan
@@ -332,6 +349,7 @@ def _row(
         top1_reference=reference,
         predicted_ms=predicted,
         error=r.error or "",
+        predicted_edge_ms=predicted_edge,
     )
 
 
