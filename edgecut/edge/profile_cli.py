@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p, "--codec", "--codecs", default="int8,int6,int4,jpeg90", help="codecs to time, comma separated"
     )
     p.add_argument("--runs", type=int, default=20, help="timed runs after 3 warm-up runs")
+    p.add_argument(
+        "--image",
+        type=Path,
+        help="a real photo to time on (image models); without it a synthetic image, which JPEG, "
+        "WebP and PNG compress far faster and smaller than a photo",
+    )
     p.add_argument(
         "--scale", type=float, help="write a *scaled* profile: timings × this factor (say why in --source)"
     )
@@ -71,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     files = ModelFiles(bundle, load_device_private(args.device_key) if args.device_key else None)
     variants = tuple(head_variants(bundle.manifest)) if args.runtime == "ort" else ()
     runner = make_runner(bundle, args.runtime, options, files, variants)
+    feeds = _photo_feeds(bundle, args.image, comma_list(args.codec))
     prof = profile_bundle(
         bundle,
         runner,
@@ -79,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
         device=args.device_name,
         codecs=comma_list(args.codec),
         runs=args.runs,
+        feeds=feeds,
     )
+    if args.image is not None:
+        prof = dataclasses.replace(prof, source=f"{prof.source}, on {args.image.name}")
     if variants:
         prof = dataclasses.replace(
             prof, segments=prof.segments + _variant_timings(bundle, runner, variants, args.runs)
@@ -94,6 +105,28 @@ def run(args: argparse.Namespace) -> int:
         f"{prof.device} ({prof.mode}): {len(prof.segments)} segments, whole model {total:.1f} ms → {args.out}"
     )
     return 0
+
+
+def _photo_feeds(bundle: Any, image: Path | None, codecs: Sequence[str]) -> Any:
+    """The model input from `image` (None: the profiler's synthetic one, with a warning when image
+    codecs are timed on it: their figures would make an image upload look cheap)."""
+    from edgecut.codec import CodecSpec
+    from edgecut.images import load_image, prepare
+
+    m = bundle.manifest
+    if image is None:
+        if m.preprocess.kind == "image" and any(CodecSpec.parse(c).is_image for c in codecs):
+            print(
+                "warning: image codecs timed on a synthetic image (flat blocks): pass --image "
+                "with a real photo, or their encode times and sizes come out far too small",
+                file=sys.stderr,
+            )
+        return None
+    if m.preprocess.kind != "image":
+        from edgecut.errors import UsageError
+
+        raise UsageError(f"--image: {m.model} takes no image input")
+    return {m.inputs[0].name: prepare(load_image(image), m.preprocess)}
 
 
 def warn_oversubscribed(threads: int) -> None:

@@ -208,3 +208,24 @@ def test_edge_weight_bytes_are_the_head_weights_and_bound_the_plan(effl0_bundle:
     assert deeper and not any(r.allowed for r in deeper)
     assert all("max_edge_weight_bytes" in r.reason and "B of weights" in r.reason for r in deeper)
     assert result.chosen.cost.edge_weight_bytes <= by_cut["c03"]
+
+
+def test_image_codecs_are_timed_on_the_photo_given(
+    effl0_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    from edgecut.images import sample_photos
+
+    photo = tmp_path / "chelsea.png"
+    Image.fromarray(sample_photos()[0][1]).save(photo)
+    common = ["profile", str(effl0_bundle), "--runs", "1", "--threads", "1", "--codec", "png"]
+    assert main([*common, "--out", str(tmp_path / "synthetic.json")]) == 0
+    assert "--image" in capsys.readouterr().err  # warned: a synthetic image flatters image codecs
+    assert main([*common, "--image", str(photo), "--out", str(tmp_path / "photo.json")]) == 0
+    synthetic, real = (load_profile(tmp_path / f"{n}.json") for n in ("synthetic", "photo"))
+    assert real.source.endswith("on chelsea.png")
+    png = {p.source: next(c for c in p.codecs if c.codec == "png") for p in (synthetic, real)}
+    assert png[real.source].bytes_ > 10 * png[synthetic.source].bytes_  # a photo is no flat block
+    assert main([*common, "--image", str(tmp_path / "nope.png"), "--out", str(tmp_path / "x.json")]) != 0
+    assert "nope.png" in capsys.readouterr().err
