@@ -22,8 +22,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # --quick: a CI smoke test: one link, cloud-only + one inner cut + edge-only, two requests each
-QUICK: dict[str, Any] = {"bandwidth": "32mbit", "rtt": "5ms", "requests": 2, "warmup": 1}
-DEFAULTS: dict[str, Any] = {"bandwidth": "0.5,2,8,32,128mbit", "rtt": "5,40ms", "requests": 10, "warmup": 2}
+QUICK: dict[str, Any] = {"bandwidth": "32mbit", "rtt": "5ms", "requests": 2, "warmup": 1, "auto_warmup": 0}
+DEFAULTS: dict[str, Any] = {
+    "bandwidth": "0.5,2,8,32,128mbit",
+    "rtt": "5,40ms",
+    "requests": 10,
+    "warmup": 2,
+    "auto_warmup": 20,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=Path, help="photos directory (default: scikit-image samples)")
     p.add_argument("--requests", type=int, help=f"timed requests per run (default {DEFAULTS['requests']})")
     p.add_argument("--warmup", type=int, help=f"untimed requests first (default {DEFAULTS['warmup']})")
+    p.add_argument(
+        "--auto-warmup",
+        type=int,
+        help="more untimed requests for the shipped auto first, per link: it tries each option "
+        f"it has no figure for once before it settles (default {DEFAULTS['auto_warmup']})",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -134,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         cloud_threads=args.server_threads,
         images=args.images,
         warmup=value["warmup"],
+        auto_warmup=value["auto_warmup"],
         requests=value["requests"],
         min_cut=args.min_cut,
     )

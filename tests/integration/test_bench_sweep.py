@@ -154,12 +154,16 @@ def test_paced_sweep_against_a_given_cloud(
             "--quick",
             "--cuts",
             "c05",
+            "--auto-warmup",
+            "3",
             "--out",
             str(tmp_path),
         )
     assert code == 0
     doc = check_outputs(tmp_path)
     assert {r["mode"] for r in doc["measurements"]} == {"paced:here-1t"}
+    assert doc["run"]["auto_warmup"] == 3 and "--auto-warmup 3" in doc["run"]["command"]
+    assert len([r for r in doc["measurements"] if r["role"] == "auto"]) == doc["run"]["requests"]
     assert doc["run"]["pacing"].startswith("head segments replayed from the profile; codec encode slowed")
     sent = [r for r in doc["measurements"] if r["role"] == "grid" and r["bytes_up"] > 0]
     assert sent and all(0 <= r["predicted_edge_ms"] < r["predicted_ms"] for r in sent)

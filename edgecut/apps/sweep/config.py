@@ -55,12 +55,17 @@ class SweepConfig:
     # whenever another process takes one of its cores
     images: Path | None = None  # directory of photos; None = scikit-image's sample photos
     warmup: int = 2  # requests per run excluded from the figures
+    auto_warmup: int = 0  # more untimed requests for the shipped auto, before any run's: it
+    # tries each option it has no figure for once, and settles only after that
     requests: int = 10  # timed requests per run
     min_cut: str = ""  # cut id or depth the planner and the shipped auto may not go below ("" = none)
 
     def __post_init__(self) -> None:
-        if self.requests < 1 or self.warmup < 0:
-            raise UsageError(f"--requests must be >= 1 and --warmup >= 0, got {self.requests}, {self.warmup}")
+        if self.requests < 1 or self.warmup < 0 or self.auto_warmup < 0:
+            raise UsageError(
+                f"--requests must be >= 1, --warmup and --auto-warmup >= 0, got {self.requests}, "
+                f"{self.warmup}, {self.auto_warmup}"
+            )
         if self.cloud is None and (self.token or self.tls_ca or self.tls_cert or self.tls_key):
             raise UsageError("--token and --tls-* reach a running service: they need --server")
         if self.edge_threads < 0 or self.cloud_threads < 0:
@@ -95,6 +100,8 @@ class SweepConfig:
             str(self.requests),
             "--warmup",
             str(self.warmup),
+            "--auto-warmup",
+            str(self.auto_warmup),
             "--edge-threads",
             str(self.edge_threads),
             "--out",

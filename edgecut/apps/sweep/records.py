@@ -119,6 +119,7 @@ class RunInfo:
     requests: int  # timed requests per run
     load_1min: tuple[float, ...] = ()  # load average at start, at each link, at the end
     pacing: str = ""  # what was paced and how ("" in results from before codec pacing)
+    auto_warmup: int = 0  # untimed requests the shipped auto had first, per link
 
 
 def save_csv(rows: Sequence[Measurement], path: Path) -> None:

@@ -5,7 +5,8 @@ session) in this process, a `LinkEmulator` proxy in front of a real tail service
 flight at a time so no request waits behind another. Two runs per link stand for the optimizer:
 - "auto" is the shipped agent on `--cut auto` (`AutoCut`: the bundle's fidelity budget, its own
   background link probes, running estimates and hysteresis, on a session of its own), exactly
-  what `edgecut edge run --cut auto` runs; its first `warmup` requests are not timed;
+  what `edgecut edge run --cut auto` runs; its first `auto_warmup` + `warmup` requests are
+  not timed;
 - "planner" is the planner fed the *set* link, run as a fixed cut: what auto would do with a
   perfect link estimate. Its (cut, codec) is added to the grid when the grid lacks it, so the
   oracle (best measured grid cell) always had the chance to be it.
@@ -101,7 +102,7 @@ def run_sweep(
             min_depth=config.min_depth(m, cfg.min_cut), max_accuracy_drop=DEFAULT_MAX_ACCURACY_DROP
         )
         plans = [_plan_link(link, costs, info.queue_delay_ms, base, limits) for link in links]
-        start(sum(len(p.cells) for p in plans) * (cfg.warmup + cfg.requests))
+        start(sum(len(p.cells) * (cfg.warmup + cfg.requests) + cfg.auto_warmup for p in plans))
         load = [os.getloadavg()[0]]
         rows = _measure_all(plans, edge, ep, cfg, tick, load, profile_path)
     run = RunInfo(
@@ -135,6 +136,7 @@ def run_sweep(
         f"(depth {PACED_BURST_S * 1e3:g} ms of the rate, >= 1500 B), "
         "RTT/2 added each way",
         warmup=cfg.warmup,
+        auto_warmup=cfg.auto_warmup,
         requests=cfg.requests,
         load_1min=tuple(round(x, 2) for x in [*load, os.getloadavg()[0]]),
         pacing=_pacing(edge.head),
@@ -271,6 +273,11 @@ def _measure_link(
         runs.append(_CellRun(lp, cell, edge, shipped if cell.role == "auto" else grid, choice, cfg.warmup))
     n = len(edge.photos)
     try:
+        auto = runs[-1]  # settles first, on inputs of its own, before any run is timed
+        for i in range(cfg.auto_warmup):
+            name, image = edge.photos[i % n]
+            auto.agent.run([image_input(-1, name, image)], lambda _: None)
+            tick(auto.what)
         for i in range(cfg.warmup + cfg.requests):
             name, image = edge.photos[i % n]
             order = list(runs)
