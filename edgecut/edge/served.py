@@ -4,9 +4,15 @@ ServerInfo's tail profile is timed when the server loads the bundle, on one synt
 an idle CPU, and its decode figure is per cut, for whichever codec was served there. Decoding a
 PCA or PNG frame costs several times what int8 costs at the same cut. Every answer reports the
 server's decode and compute time for that request. So once this agent has used an option, the
-option is planned with those times: decode per (cut, codec), tail compute per cut. Options it has
-never used keep the server's figures. Without this, an option whose decode the server
-under-reports keeps being chosen, because nothing the agent measures ever reaches the cost table.
+option is planned with those times: decode per (cut, codec), tail compute per cut. Without this,
+an option whose decode the server under-reports keeps being chosen, because nothing the agent
+measures ever reaches the cost table.
+
+The cuts it has not used yet keep the server's tail figures × how much slower (or faster) the
+tail has run than those figures at the cuts it has used: the sum of measured over the sum of
+start figures, so that the large tails weigh most and a 1 ms tail's fixed overhead does not set
+the ratio. A tail service that runs twice as slow as its warm-up said (a busy host) is twice as
+slow at every cut, and without the ratio the agent would try each of them once to find out.
 """
 
 from __future__ import annotations
@@ -48,13 +54,21 @@ class ServedTimes:
         with self._lock:
             decode = {k: e.value for k, e in self._decode.items() if e.value is not None}
             compute = {k: e.value for k, e in self._compute.items() if e.value is not None}
+        ratio = _ratio(costs, compute)
         out = []
         for c in costs:
             if not c.edge_only:
                 c = dataclasses.replace(
                     c,
                     decode_ms=decode.get((c.cut, c.codec), c.decode_ms),
-                    cloud_ms=compute.get(c.cut, c.cloud_ms),
+                    cloud_ms=compute.get(c.cut, c.cloud_ms * ratio),
                 )
             out.append(c)
         return out
+
+
+def _ratio(costs: Sequence[CutCost], measured: dict[str, float]) -> float:
+    """Measured tail time ÷ the start figures, over the cuts measured (1 when none)."""
+    start = {c.cut: c.cloud_ms for c in costs if not c.edge_only and c.cut in measured}
+    expected = sum(start.values())
+    return sum(measured[cut] for cut in start) / expected if expected > 0 else 1.0
