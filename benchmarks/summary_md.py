@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def table(path: Path) -> str:
@@ -35,10 +36,21 @@ def table(path: Path) -> str:
         f"speedup over cloud-only: mean {t['speedup_vs_cloud_only_mean']:.2f}×, geometric mean "
         f"{t['speedup_vs_cloud_only_geomean']:.2f}×; overhead median {t['overhead_median']:.3f}, "
         f"worst {t['overhead_max']:.3f}; prediction error median "
-        f"{t['prediction_error_abs_median_pct']:.1f} %, max {t['prediction_error_abs_max_pct']:.1f} %; "
-        f"failed requests {t['failed_requests']}."
+        f"{t['prediction_error_abs_median_pct']:.1f} %, max {t['prediction_error_abs_max_pct']:.1f} %"
+        f"{_without_head(t)}; failed requests {t['failed_requests']}."
     )
     return "\n".join(rows)
+
+
+def _without_head(t: dict[str, Any]) -> str:
+    """The error on what the paced head does not replay; absent from sweeps before it existed."""
+    if t.get("prediction_error_without_head_abs_median_pct") is None:
+        return ""
+    return (
+        f" (without the edge head, on cells that send: median "
+        f"{t['prediction_error_without_head_abs_median_pct']:.1f} %, max "
+        f"{t['prediction_error_without_head_abs_max_pct']:.1f} %)"
+    )
 
 
 if __name__ == "__main__":
