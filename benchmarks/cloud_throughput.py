@@ -24,7 +24,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,8 +42,11 @@ from edgecut.cloud.pipeline import TailPipeline
 from edgecut.cloud.spawn import tail_service
 from edgecut.images import prepare, sample_photos
 from edgecut.keys import KeyPaths, ServicePublicKey, generate_keys, load_service_public
+from edgecut.provenance import code_revision, package_versions
 from edgecut.runtime import OrtOptions, SegmentChain
 from edgecut.v1 import edgecut_pb2_grpc
+
+PACKAGES = ("edgecut", "grpcio", "protobuf", "onnxruntime", "numpy", "tritonclient")
 
 RESULTS = Path(__file__).parent / "results"
 WIRE_CODEC = codec.CodecSpec("int8", "channel", 3)
@@ -279,8 +281,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         "server and clients on the same machine, loopback; other jobs were running on it",
         "command": "python benchmarks/cloud_throughput.py " + " ".join(sys.argv[1:]),
-        "revision": revision(),
-        "versions": versions(),
+        "revision": code_revision(),
+        "versions": package_versions(PACKAGES),
     }
 
 
@@ -305,26 +307,6 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {"cut": cut, "batching": "best", "streams": "best", "ratio": best["grpc"] / best["in_process"]}
         )
     return out
-
-
-def revision() -> str:
-    run = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False
-    )
-    return run.stdout.strip() or "unknown"
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    names = ["edgecut", "grpcio", "protobuf", "onnxruntime", "numpy", "tritonclient"]
-    found = {}
-    for name in names:
-        try:
-            found[name] = version(name)
-        except Exception:
-            found[name] = "not installed"
-    return {"python": platform.python_version(), **found}
 
 
 def print_row(r: dict[str, Any]) -> None:

@@ -25,7 +25,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -51,7 +50,10 @@ from edgecut.partition.calibrate import (
     segment_chains,
 )
 from edgecut.partition.load import load_model
+from edgecut.provenance import code_revision, package_versions
 from edgecut.sealing import Binding, open_request, seal_request
+
+PACKAGES = ("edgecut", "numpy", "onnxruntime", "zstandard", "pillow", "scikit-image", "matplotlib", "torch")
 
 RESULTS = Path(__file__).parent / "results"
 CODECS = (*DEFAULT_CODECS, "pca3", "pca3-z19", "pca2")
@@ -233,27 +235,6 @@ def print_table(result: dict[str, Any]) -> None:
         )
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    names = ("numpy", "onnxruntime", "zstandard", "pillow", "scikit-image", "matplotlib", "torch")
-    out = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = version(name)
-        except Exception:  # a missing package is recorded, not fatal
-            out[name] = "absent"
-    return out
-
-
-def revision() -> str:
-    root = Path(__file__).parent
-    done = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True, check=False
-    )
-    return done.stdout.strip() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 16 + 16 views, 3 repeats")
@@ -263,7 +244,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="copy the calibrated bundle here (for `edgecut inspect`)")
     args = parser.parse_args()
     samples, calib, repeats = (16, 16, 3) if args.quick else (args.samples, args.calibration, args.repeats)
-    rev = revision()  # at the start: the code that runs, whatever is edited meanwhile
+    rev = code_revision()  # at the start: the code that runs, whatever is edited meanwhile
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = partition(load_model("efficientnet-lite0"), Path(tmp) / "effl0")
@@ -274,7 +255,7 @@ def main() -> None:
     result = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "revision": rev,
-        "versions": versions(),
+        "versions": package_versions(PACKAGES),
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),
         "model": bundle.name,

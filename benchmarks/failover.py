@@ -38,13 +38,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from replicas import PACKAGES, _version, revision
+from replicas import PACKAGES
 
 from edgecut.cloud.spawn import tail_process
 from edgecut.edge.agent import Result, image_input
 from edgecut.edge.startup import EdgeConfig, start_agent
 from edgecut.images import sample_photos
 from edgecut.keys import generate_keys
+from edgecut.provenance import code_revision, package_versions
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -172,8 +173,8 @@ def summarize(
         "on the same cores, loopback; no GPU",
         "load_1min_before": load,
         "load_1min_after": os.getloadavg()[0],
-        "revision": revision(),
-        "packages": {p: _version(p) for p in PACKAGES},
+        "revision": code_revision(),
+        "packages": package_versions(PACKAGES),
         "command": "python benchmarks/failover.py " + " ".join(sys.argv[1:]),
     }
 

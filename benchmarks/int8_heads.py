@@ -20,12 +20,10 @@ Writes benchmarks/results/int8_heads.{json,png}; the given bundle is copied, nev
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -42,28 +40,11 @@ from edgecut.partition.calibrate import (
 )
 from edgecut.partition.int8 import THREADS, heldout_split, profile_heads, quantize_bundle
 from edgecut.partition.load import load_model
+from edgecut.provenance import code_revision, package_versions
 from edgecut.variants import DEFAULT_BUDGET
 
 RESULTS = Path(__file__).parent / "results"
 PACKAGES = ("edgecut", "onnxruntime", "onnx", "numpy", "torch")
-
-
-def revision() -> str:
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=root
-    )
-    return done.stdout.strip() or "unknown"
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def measure(tmp: Path, source: Path | None, calib: int, heldout: int, runs: int) -> dict[str, Any]:
@@ -139,14 +120,14 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, help="a calibrated EfficientNet-Lite0 bundle to copy")
     args = parser.parse_args()
     calib, heldout, runs = (8, 8, 3) if args.quick else (32, 64, 40)
-    rev = revision()  # at the start: the code that runs, whatever is edited meanwhile
+    rev = code_revision()  # at the start: the code that runs, whatever is edited meanwhile
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         measured = measure(Path(tmp), args.bundle, calib, heldout, runs)
     result = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "revision": rev,
-        "versions": versions(),
+        "versions": package_versions(PACKAGES),
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),
         "command": "python benchmarks/int8_heads.py"

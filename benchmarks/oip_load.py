@@ -34,10 +34,11 @@ from edgecut.bundle import Bundle, load_bundle
 from edgecut.cloud.spawn import tail_service
 from edgecut.images import prepare, sample_photos
 from edgecut.keys import generate_keys
+from edgecut.provenance import code_revision, package_versions
 from edgecut.runtime import OrtOptions, SegmentChain
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cloud_throughput import revision, server_knobs, versions
+from cloud_throughput import PACKAGES, server_knobs
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -121,8 +122,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, server and "
         "clients on the same machine, loopback; other jobs were running on it",
         "command": "python benchmarks/oip_load.py " + " ".join(sys.argv[1:]),
-        "revision": revision(),
-        "versions": versions(),
+        "revision": code_revision(),
+        "versions": package_versions(PACKAGES),
     }
 
 

@@ -28,11 +28,9 @@ import os
 import platform
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +56,7 @@ from support import EdgeClient  # noqa: E402
 from edgecut.bundle import load_bundle  # noqa: E402
 from edgecut.images import sample_photos  # noqa: E402
 from edgecut.keys import KeyPaths, generate_keys, load_service_public  # noqa: E402
+from edgecut.provenance import code_revision, package_versions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 COLORS = {
@@ -180,21 +179,6 @@ def soak(
     }
 
 
-def packages() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def revision() -> str:
-    cmd = ["git", "describe", "--always", "--dirty"]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -292,8 +276,8 @@ def main() -> None:
         random.Random(args.seed).shuffle(order)
         result: dict[str, Any] = {
             "command": "python benchmarks/reliability.py " + " ".join(sys.argv[1:]),
-            "revision": revision(),
-            "packages": packages(),
+            "revision": code_revision(),
+            "packages": package_versions(PACKAGES),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared; "
             "server, clients, agent and emulator on the same machine, loopback",
             "load_1min_start": os.getloadavg()[0],

@@ -26,11 +26,9 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from edgecut import framing
 from edgecut.bundle import Bundle, load_bundle
 from edgecut.cloud.spawn import tail_service
 from edgecut.keys import ServicePublicKey, generate_keys, load_service_public
+from edgecut.provenance import code_revision, package_versions
 from edgecut.v1 import edgecut_pb2_grpc
 
 RESULTS = Path(__file__).parent / "results"
@@ -174,8 +173,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "summary": summarize(rows),
         "machine": f"{platform.processor() or platform.machine()}, {cores} cores shared with other work; "
         "replicas and clients on the same machine, loopback; no GPU",
-        "revision": revision(),
-        "packages": {p: _version(p) for p in PACKAGES},
+        "revision": code_revision(),
+        "packages": package_versions(PACKAGES),
         "command": "python benchmarks/replicas.py " + " ".join(sys.argv[1:]),
     }
 
@@ -198,23 +197,6 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def revision() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def print_row(r: dict[str, Any]) -> None:

@@ -15,13 +15,11 @@ flight at a time so no request waits behind another. Two runs per link stand for
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import logging
 import math
 import os
 import platform
 import random
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,10 +42,12 @@ from edgecut.keys import load_service_public
 from edgecut.netem import PACED_BURST_S, LinkConfig, ThreadedLinkEmulator, paced_burst_bytes, parse_address
 from edgecut.planner import DEFAULT_MAX_ACCURACY_DROP, Constraints, CutCost, LinkEstimate, Plan, plan
 from edgecut.profile import Profile
+from edgecut.provenance import code_revision, package_versions
 from edgecut.runtime import OrtOptions
 
 log = logging.getLogger(__name__)
 
+PACKAGES = ("edgecut", "onnxruntime", "numpy", "grpcio", "protobuf", "zstandard", "cryptography")  # recorded
 DEADLINE_MS = 120_000  # per request: a 0.5 Mbit/s link takes seconds for a shallow frontier
 
 
@@ -108,7 +108,7 @@ def run_sweep(
     run = RunInfo(
         command=cfg.command(),
         revision=code_revision(),
-        packages=package_versions(),
+        packages=package_versions(PACKAGES),
         started_at=started,
         wall_s=round(time.perf_counter() - t0, 1),
         machine=edge.machine,
@@ -358,32 +358,6 @@ def _row(
         error=r.error or "",
         predicted_edge_ms=predicted_edge,
     )
-
-
-def code_revision() -> str:
-    """`git describe --always --dirty` of the edgecut checkout, or why there is none."""
-    root = Path(__file__).resolve().parents[3]
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unknown ({exc.__class__.__name__})"
-    return out.stdout.strip() or f"unknown (git: {out.stderr.strip()[:80]})"
-
-
-PACKAGES = ("edgecut", "onnxruntime", "numpy", "grpcio", "protobuf", "zstandard", "cryptography")
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages whose speed the figures depend on."""
-    found = {}
-    for name in PACKAGES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
 
 
 def machine() -> str:
