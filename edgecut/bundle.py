@@ -157,6 +157,15 @@ class Manifest:
         known = ", ".join(c.id for c in self.cuts)
         raise BundleError(f"model '{self.model}' has no cut '{cut_id}' (cuts: {known})")
 
+    def depth_of(self, cut: str | int) -> int:
+        """A `--min-cut`-style limit as a depth: a cut id (its depth) or a number ("" = 0). One
+        reading for the edge, the tail service, `plan` and the sweep, so a limit means the same
+        everywhere."""
+        text = str(cut).strip()
+        if not text:
+            return 0
+        return int(text) if text.isdigit() else self.cut(text).depth
+
     def head(self, cut_id: str) -> tuple[Segment, ...]:
         """Segments the edge runs for this cut (empty for "input")."""
         return self.segments[: self.cut(cut_id).depth]

@@ -30,9 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
     p.add_argument(
         "--min-cut",
-        type=int,
-        default=0,
-        help="forbid the first N cuts (privacy: raw input never leaves the device)",
+        default="0",
+        help="privacy: never a cut shallower than this (cut id or depth; raw input never leaves the device)",
     )
     p.add_argument(
         "--codec",
@@ -85,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     costs = cut_costs(
         bundle, load_profile(args.edge_profile), cloud, comma_list(args.codec), precisions, suite=suite
     )
-    constraints = Constraints(args.min_cut, args.max_edge_mem, parse_accuracy_budget(args.max_accuracy_drop))
+    min_depth = bundle.manifest.depth_of(args.min_cut)
+    constraints = Constraints(min_depth, args.max_edge_mem, parse_accuracy_budget(args.max_accuracy_drop))
     result = plan(
         costs,
         LinkEstimate(link.up_bps or 1e12, link.down_bps or 1e12, link.rtt_ms, args.queue_ms),

@@ -199,12 +199,7 @@ def min_depth(config: ServeConfig, manifest: Manifest) -> int:
 
     A cut id is looked up in the model's own manifest, so one setting serves every version.
     """
-    cut = config.min_cut.get(manifest.model, 0)
-    if isinstance(cut, int):
-        return cut
-    if cut.isdigit():
-        return int(cut)
-    return manifest.cut(cut).depth
+    return manifest.depth_of(config.min_cut.get(manifest.model, 0))
 
 
 @dataclass(frozen=True)

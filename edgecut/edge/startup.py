@@ -101,8 +101,8 @@ def _connect(session: TailSession, fallback: str) -> None:
 
 def _min_depth(config: EdgeConfig, bundle: Bundle) -> int:
     """`--min-cut` as a depth (a cut id or a number); a fixed cut shallower than it is refused."""
-    m, text = bundle.manifest, str(config.min_cut).strip()
-    depth = int(text) if text.isdigit() else m.cut(text).depth
+    m = bundle.manifest
+    depth = m.depth_of(config.min_cut)
     if config.cut != "auto" and m.cut(config.cut).depth < depth:
         raise UsageError(
             f"--cut {config.cut} (depth {m.cut(config.cut).depth}) is shallower than --min-cut "

@@ -103,6 +103,10 @@ def test_plan_picks_the_cheapest_allowed_row(
     assert slow["chosen"]["cut"] == "output"  # a 0.2 Mbit/s link: run everything locally
     private = _plan(capsys, effl0_bundle, profiles, "--bandwidth", "1gbit", "--min-cut", "3")
     assert all(not r["allowed"] for r in private["rows"][:3])
+    by_id = _plan(capsys, effl0_bundle, profiles, "--bandwidth", "1gbit", "--min-cut", "c03")
+    assert load_bundle(effl0_bundle).manifest.cut("c03").depth == 3
+    # a cut id means its depth, as on the edge, the tail service and the sweep
+    assert [r["allowed"] for r in by_id["rows"]] == [r["allowed"] for r in private["rows"]]
 
 
 def test_plan_bad_input(

@@ -130,14 +130,6 @@ class SweepConfig:
         return shlex.join(args)
 
 
-def min_depth(manifest: Manifest, min_cut: str) -> int:
-    """`--min-cut` as a depth: a cut id (its depth) or a number; "" = 0 (no limit)."""
-    text = min_cut.strip()
-    if not text:
-        return 0
-    return int(text) if text.isdigit() else manifest.cut(text).depth
-
-
 def split_list(text: str) -> tuple[str, ...]:
     """'0.5,2,8mbit' → ('0.5mbit', '2mbit', '8mbit'): bare numbers take the last item's unit."""
     items = [item.strip() for item in text.split(",") if item.strip()]

@@ -98,9 +98,7 @@ def run_sweep(
     with cloud.endpoint(bundle, cfg.cloud, cfg.server_key, cfg.cloud_threads) as ep:
         info = cloud.tail_info(ep.address, m.model, m.version, cfg.credentials())
         costs = cut_costs(bundle, profile, info.times, cfg.codecs, suite=info.key_suite)
-        limits = Constraints(
-            min_depth=config.min_depth(m, cfg.min_cut), max_accuracy_drop=DEFAULT_MAX_ACCURACY_DROP
-        )
+        limits = Constraints(min_depth=m.depth_of(cfg.min_cut), max_accuracy_drop=DEFAULT_MAX_ACCURACY_DROP)
         plans = [_plan_link(link, costs, info.queue_delay_ms, base, limits) for link in links]
         start(sum(len(p.cells) * (cfg.warmup + cfg.requests) + cfg.auto_warmup for p in plans))
         load = [os.getloadavg()[0]]
@@ -265,7 +263,7 @@ def _measure_link(
                 shipped,
                 ",".join(cfg.codecs),
                 edge_profile=profile_path,
-                min_depth=config.min_depth(edge.bundle.manifest, cfg.min_cut),
+                min_depth=edge.bundle.manifest.depth_of(cfg.min_cut),
             )
             if cell.role == "auto"
             else FixedCut(edge.bundle, cell.cut, cell.codec, max_accuracy_drop=None)  # the grid measures all
